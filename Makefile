@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv and install what they need. torch is pinned to the CPU wheel this machine serves from
+# local disk (an unpinned torch would pull a multi-GB CUDA build); GPU users install torch their own way.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+# Spin-waiting OpenMP threads are ~10x slower on shared cores.
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: demo test test-slow install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vtprune demo --out out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,47 @@
+"""The method x adapter matrix: every DESIGN invariant runs on every cell (tests/test_invariants.py).
+
+Adding a method: one entry in METHOD_CASES. Adding a model family: one entry in ADAPTER_CASES (and a
+builder in vtprune/testing/tiny.py); every method then runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import vtprune
+from vtprune.testing.tiny import Row
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    id: str
+    method: Any  # what prune() takes: a name, a method object or a list
+    kwargs: dict = field(default_factory=dict)  # extra prune() kwargs (ratio / keep / layer / budget ...)
+    merges: bool = False  # rewrites kept tokens' representations: no masked-forward reference
+
+    def prune(self, model, **override):
+        return vtprune.prune(model, self.method, **{**self.kwargs, **override})
+
+
+METHOD_CASES = [
+    MethodCase("random", "random", {"ratio": 0.5}),
+    MethodCase("pool", vtprune.method("pool", merge="none"), {"ratio": 0.5}),
+    MethodCase("pool-mean", "pool", {"ratio": 0.5}, merges=True),
+    MethodCase("kcenter", "kcenter", {"ratio": 0.6}),
+    MethodCase("cls_attention", "cls_attention", {"keep": 5}),
+    MethodCase("fastv", "fastv", {"ratio": 0.5, "layer": 1}),
+    MethodCase("kcenter@layer2", "kcenter", {"ratio": 0.5, "layer": 2}),
+    MethodCase("random@layers1,2", "random", {"ratio": 0.3, "layer": (1, 2)}),
+    MethodCase("cls+fastv", ["cls_attention", vtprune.method("fastv", layer=2, keep=3)], {"keep": 6}),
+    MethodCase("kcenter-global", "kcenter", {"ratio": 0.75, "budget": "global"}),
+]
+
+ADAPTER_CASES = ["llava", "llava_next"]
+ATTN = ["sdpa", "eager"]
+
+# Two prompts of different lengths (and, for LLaVA-NeXT, different AnyRes grids): pruning leaves the rows
+# with different lengths, so the batch exercises re-padding.
+ROWS = [Row(before=3, after=4, seed=0, image_size=(40, 50)), Row(before=6, after=2, seed=1, image_size=(56, 28))]
+# A prompt with two images (spans of one sample).
+TWO_IMAGES = Row(before=2, after=3, seed=2, images=2, image_size=(30, 30))

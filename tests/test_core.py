@@ -1,0 +1,90 @@
+"""Budget arithmetic, the Patcher's undo, the registry, and the LLaVA-NeXT layout."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vtprune.budget import Budget
+from vtprune.patching import Patcher
+from vtprune.registry import Registry
+
+
+@pytest.mark.parametrize("ratio,n,kept", [(0.889, 576, 64), (0.75, 576, 144), (0.5, 576, 288), (0.0, 576, 576),
+                                           (0.99, 10, 1), (0.5, 5, 2), (0.5, 7, 4), (0.902, 576, 56)])
+def test_ratio_budget(ratio, n, kept):
+    assert Budget(ratio=ratio).count(n) == kept  # max(1, round((1 - ratio) * n)), round half to even
+
+
+def test_keep_budget():
+    b = Budget(keep=64)
+    assert [b.count(n) for n in (0, 10, 64, 576)] == [0, 10, 64, 64]
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget()
+
+
+def test_patcher_undoes_everything_lifo_and_twice():
+    m = nn.Linear(2, 2)
+    p = Patcher()
+    calls = []
+    p.pre_hook(m, lambda mod, a, k: calls.append("pre"))
+    p.post_hook(m, lambda mod, a, k, out: calls.append("post"))
+    p.set_attr(m, "flag", 1)
+    p.set_attr(m, "flag", 2)
+    orig_forward = m.forward
+    p.wrap_method(m, "forward", lambda f: (lambda x: f(x) * 0))
+    assert torch.equal(m(torch.ones(1, 2)), torch.zeros(1, 2)) and calls == ["pre", "post"]
+    assert len(p) == 5
+    p.undo()
+    p.undo()
+    assert "flag" not in m.__dict__ and "forward" not in m.__dict__ and m.forward == orig_forward
+    assert not m._forward_hooks and not m._forward_pre_hooks and len(p) == 0
+
+
+def test_registry_did_you_mean_aliases_and_entry_points(monkeypatch):
+    class EP:
+        name, value = "beta", "collections:Counter"
+
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP()] if group == "vtprune.test_widgets" else [])
+    reg = Registry("widget", "vtprune.test_widgets")
+    reg.add("alpha", "collections:OrderedDict", aliases=("a",))
+    assert reg.get("a") is reg.get("alpha")
+    with pytest.raises(ValueError, match="Did you mean 'alpha'"):
+        reg.get("alpah")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("a", "x:y")
+    import collections
+
+    assert reg.get("beta") is collections.Counter and "beta" in reg.names()
+
+
+def test_llava_next_layout_matches_the_real_newlines():
+    from vtprune.testing.tiny import IMAGE, Row, build, make_inputs
+
+    model = build("llava_next")
+    for size in [(40, 50), (56, 28), (28, 28), (30, 30)]:
+        inputs = make_inputs(model, [Row(image_size=size)])
+        from vtprune.adapters.base import VisionRecord
+        from vtprune.adapters.llava_next import LlavaNextAdapter
+
+        adapter = LlavaNextAdapter(model)
+        with torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        record = VisionRecord()
+        adapter.image_layouts((inputs["pixel_values"], inputs["image_sizes"]), {}, out, record)
+        feats = out.pooler_output[0]
+        lay = record.images[0]
+        is_nl = (feats == model.model.image_newline).all(-1)
+        assert torch.equal(lay.src == -1, is_nl)
+        # every canvas row: tokens then its newline, all with one line id and consecutive columns
+        for line in lay.line.unique().tolist():
+            if line < 0:
+                continue
+            members = (lay.line == line).nonzero()[:, 0]
+            assert bool(is_nl[members[-1]]) and not bool(is_nl[members[:-1]].any()) or len(members) == feats.shape[0]
+        # base tile: raster grid, group 0
+        assert lay.grid[:4].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
+        assert int((inputs["input_ids"] == IMAGE).sum()) == lay.num_tokens

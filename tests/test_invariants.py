@@ -1,0 +1,261 @@
+"""The seven DESIGN invariants on every method x adapter x attention-implementation cell."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+import vtprune
+from cases import ADAPTER_CASES, ATTN, METHOD_CASES, ROWS, TWO_IMAGES, MethodCase
+from vtprune.testing.reference import generate_positions, masked_forward, pruned_rows
+from vtprune.testing.tiny import build, make_inputs
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str) -> torch.nn.Module:
+    return build(family, attn)
+
+
+@pytest.fixture
+def model(request):
+    family, attn = request.param
+    m = _model(family, attn)
+    yield m
+    handle = m.__dict__.get("_vtprune_handle")
+    if handle is not None:  # a failed test must not leak its hooks into the next one
+        handle.remove()
+        pytest.fail("test left the model pruned")
+
+
+CELLS = [pytest.param((f, a), c, id=f"{f}-{a}-{c.id}") for f in ADAPTER_CASES for a in ATTN for c in METHOD_CASES]
+MODELS = [pytest.param((f, a), id=f"{f}-{a}") for f in ADAPTER_CASES for a in ATTN]
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@torch.no_grad()
+def _logits(model, inputs):
+    return model(**inputs).logits
+
+
+# 1. ratio 0 (or keep >= n) -> logits bit-identical to the unpatched model ------------------------------
+@pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
+def test_ratio_zero_is_bit_identical(model, case: MethodCase):
+    inputs = make_inputs(model, ROWS)
+    base = _logits(model, inputs)
+    budget = {"keep": 10_000} if "keep" in case.kwargs else {"ratio": 0.0}
+    methods = case.method
+    if isinstance(methods, list):  # composed: drop the steps' own budgets so every step is the identity
+        methods = [dataclasses.replace(vtprune.method(m) if isinstance(m, str) else m, ratio=None, keep=None)
+                   for m in methods]
+    kwargs = {k: v for k, v in case.kwargs.items() if k not in ("ratio", "keep")}
+    with vtprune.prune(model, methods, **kwargs, **budget) as handle:
+        out = _logits(model, inputs)
+        assert handle.stats.visual_after == handle.stats.visual_before
+    assert torch.equal(out, base)
+
+
+# 2. remove() -> bit-identical, no hooks, no attributes; a second prune raises unless replace=True ------
+@pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
+def test_remove_restores_everything(model, case: MethodCase):
+    inputs = make_inputs(model, ROWS)
+    base = _logits(model, inputs)
+    hooks, attrs = _hooks(model), set(model.__dict__)
+    vlm_attrs = set(model.model.__dict__)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = case.prune(model)
+    assert _hooks(model) > hooks
+    with pytest.raises(RuntimeError, match="already pruned"):
+        case.prune(model)
+    pruned = _logits(model, inputs)
+    assert not torch.equal(pruned[:, -1], base[:, -1])  # it did something
+    handle2 = case.prune(model, replace=True)  # replace removes the first handle
+    assert not handle.active and handle2.active
+    handle2.remove()
+    handle2.remove()  # idempotent
+    handle.remove()
+    assert _hooks(model) == hooks
+    assert set(model.__dict__) == attrs and set(model.model.__dict__) == vlm_attrs
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_logits(model, inputs), base)
+
+
+@pytest.mark.parametrize("model", MODELS, indirect=True)
+def test_context_manager_restores_on_exception(model):
+    inputs = make_inputs(model, ROWS)
+    base = _logits(model, inputs)
+    hooks = _hooks(model)
+    with pytest.raises(KeyError):
+        with vtprune.prune(model, "kcenter", ratio=0.5):
+            _logits(model, inputs)
+            raise KeyError("boom")
+    assert _hooks(model) == hooks
+    assert torch.equal(_logits(model, inputs), base)
+
+
+# 3. exact kept counts per span; no text token dropped ---------------------------------------------------
+@pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
+def test_exact_counts_and_text_kept(model, case: MethodCase):
+    inputs = make_inputs(model, [*ROWS, TWO_IMAGES])
+    with case.prune(model) as handle:
+        _logits(model, inputs)
+        stats = handle.stats
+    visual = inputs["input_ids"] == model.config.image_token_id
+    assert stats.visual_before == visual.sum(1).tolist()
+    for stage, step in zip(stats.stages, handle.steps):
+        assert stage.stage == step.label
+        for span in stage.spans:
+            assert span.kept == step.budget.count(span.n), (stage.stage, span)
+        assert sum(s.n for s in stage.spans) == sum(stage.before)
+        assert [sum(s.kept for s in stage.spans if s.row == b) for b in range(len(stage.before))] == stage.after
+    for b, kept in enumerate(stats.kept_positions):
+        text = (~visual[b]).nonzero()[:, 0]
+        assert torch.isin(text, kept).all(), "a text token was dropped"
+        assert torch.equal(kept, kept.sort().values)  # order preserved
+    if model.config.model_type == "llava_next":  # AnyRes rule: a newline survives iff its row keeps a token
+        _check_newline_rule(model, inputs, stats)
+
+
+def _check_newline_rule(model, inputs, stats):
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    vis = inputs["input_ids"] == model.config.image_token_id
+    positions = vis.nonzero()  # row-major, the order features are scattered in
+    offset = 0
+    for f in feats:
+        b = int(positions[offset, 0])
+        pos = positions[offset : offset + f.shape[0], 1]
+        offset += f.shape[0]
+        is_nl = (f == model.model.image_newline).all(-1)  # found independently of the layout code
+        keep = torch.isin(pos, stats.kept_positions[b])
+        row_start = 0 if f.shape[0] == side * side + 1 else side * side  # single tile: one row
+        for p in is_nl.nonzero()[:, 0].tolist():
+            row_kept = bool(keep[row_start:p].any())
+            assert bool(keep[p]) == row_kept, f"newline {p}: kept={bool(keep[p])}, its row kept={row_kept}"
+            row_start = p + 1
+
+
+# 4. positions: the pruned forward equals the masked full forward with ORIGINAL positions -----------------
+@pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_matches_masked_reference(model, case: MethodCase, padding):
+    if case.merges:
+        pytest.skip("merging methods change kept representations; covered by test_methods.py")
+    inputs = make_inputs(model, ROWS, padding=padding)
+    with case.prune(model) as handle:
+        out = _logits(model, inputs)
+        stats = handle.stats
+    assert stats.pruned
+    ref = masked_forward(model, inputs, stats)
+    for b, rows in enumerate(pruned_rows(out, stats)):
+        kept = stats.kept_positions[b]
+        real = inputs["attention_mask"][b, kept].bool()  # padding rows are garbage in both
+        torch.testing.assert_close(rows[real], ref[b, kept][real], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("model", MODELS, indirect=True)
+def test_compact_positions_match_reference(model):
+    inputs = make_inputs(model, ROWS)
+    with vtprune.prune(model, "kcenter", ratio=0.5, positions="compact") as handle:
+        out = _logits(model, inputs)
+        stats = handle.stats
+    ref = masked_forward(model, inputs, stats, compact=True)
+    for b, rows in enumerate(pruned_rows(out, stats)):
+        torch.testing.assert_close(rows[-1], ref[b, -1], atol=ATOL, rtol=RTOL)
+
+
+# 5. cached generate == uncached masked reference ----------------------------------------------------------
+@pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
+def test_generate_matches_uncached_reference(model, case: MethodCase):
+    if case.merges:
+        pytest.skip("merging methods change kept representations; covered by test_methods.py")
+    inputs = make_inputs(model, ROWS, padding="left")
+    L = inputs["input_ids"].shape[1]
+    with case.prune(model) as handle:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        stats = handle.stats
+    assert stats.pruned
+    seq = out.sequences
+    for step, logits in enumerate(out.logits):
+        ids = seq[:, : L + step]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(len(ids), step, dtype=torch.long)], 1)
+        ref_inputs = {**inputs, "input_ids": ids, "attention_mask": mask}
+        ref = masked_forward(model, ref_inputs, stats, position_ids=generate_positions(mask))[:, -1]
+        torch.testing.assert_close(logits, ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("model", MODELS, indirect=True)
+def test_manual_decode_loop_matches_generate(model):
+    """A hand-written cached loop (position_ids=None, as HF's own models default) equals generate()."""
+    inputs = make_inputs(model, ROWS[:1])
+    with vtprune.prune(model, "kcenter", ratio=0.5):
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+            for _ in range(2):
+                out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+                tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), gen[:, -3:])
+
+
+# 6. a padded batch gives each row what it gets alone ----------------------------------------------------
+@pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_batch_equals_single_rows(model, case: MethodCase, padding):
+    batch = make_inputs(model, ROWS, padding=padding)
+    with case.prune(model) as handle:
+        out = _logits(model, batch)
+        stats_b = handle.stats
+        for b, row in enumerate(ROWS):
+            single = make_inputs(model, [row])
+            out_s = _logits(model, single)
+            kept_s = handle.stats.kept_positions[0]
+            pad = int((batch["attention_mask"][b] == 0).sum()) if padding == "left" else 0
+            kept_b = stats_b.kept_positions[b]
+            real_b = kept_b[batch["attention_mask"][b, kept_b].bool()]
+            assert torch.equal(real_b - pad, kept_s), "different tokens kept in a batch"
+            rows_b = pruned_rows(out, stats_b)[b][batch["attention_mask"][b, kept_b].bool()]
+            torch.testing.assert_close(rows_b, out_s[0, -kept_s.numel():], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("model", MODELS, indirect=True)
+def test_batch_generate_equals_single_rows(model):
+    batch = make_inputs(model, ROWS, padding="left")
+    with vtprune.prune(model, ["cls_attention", vtprune.method("fastv", layer=2, ratio=0.5)], keep=6):
+        gen = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        for b, row in enumerate(ROWS):
+            single = model.generate(**make_inputs(model, [row]), max_new_tokens=4, do_sample=False,
+                                    return_dict_in_generate=True, output_logits=True)
+            for lb, ls in zip(gen.logits, single.logits):
+                torch.testing.assert_close(lb[b], ls[0], atol=ATOL, rtol=RTOL)
+
+
+# 7. sdpa ~ eager, and pruning never switches the model to eager / output_attentions ----------------------
+@pytest.mark.parametrize("family", ADAPTER_CASES)
+@pytest.mark.parametrize("case", METHOD_CASES, ids=[c.id for c in METHOD_CASES])
+def test_sdpa_matches_eager(family, case: MethodCase):
+    inputs = make_inputs(_model(family, "sdpa"), ROWS)
+    outs, kept = [], []
+    for attn in ATTN:
+        m = _model(family, attn)
+        with case.prune(m) as handle:
+            outs.append(_logits(m, inputs))
+            kept.append(handle.stats.kept_positions)
+            assert m.config.text_config._attn_implementation == attn
+            assert m.config.vision_config._attn_implementation == attn
+    assert all(torch.equal(a, b) for a, b in zip(*kept))
+    for b, pos in enumerate(kept[0]):  # padding slots are garbage (sdpa zeros them, eager averages)
+        real = inputs["attention_mask"][b, pos].bool()
+        rows = [o[b, o.shape[1] - pos.numel():][real] for o in outs]
+        torch.testing.assert_close(rows[0], rows[1], atol=1e-4, rtol=1e-4)

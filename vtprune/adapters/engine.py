@@ -1,0 +1,867 @@
+"""The hook machinery shared by every adapter: find the spans, run the methods, drop tokens, keep the
+positions, masks and KV cache right through prefill and decode.
+
+Where tokens are dropped (see HF_INTERNALS §4-§5):
+
+* before the LLM (``vision`` / ``input`` methods): a forward pre-hook on ``language_model`` gathers
+  ``inputs_embeds``, the 2-D ``attention_mask`` and ``position_ids`` once, in prefill. Every decoder layer
+  and the KV cache then hold the pruned sequence; decode steps get the pruned prefix of the mask.
+* at decoder layer K (``layer`` methods): a pre-hook on layer K gathers the hidden states; pre-hooks on
+  layers K.. gather the per-layer kwargs (rotary cos/sin, position ids, mask) the model computed for the
+  LLM input. The cache is ragged (layers < K hold more keys); at decode the mask of layers >= K is re-cut.
+
+Kept tokens keep their ORIGINAL positions unless ``positions="compact"``. The pruned sequences of a
+batch can differ in length: rows are left-padded with masked slots that point at dropped tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vtprune.adapters.base import Adapter, VisionRecord
+from vtprune.budget import Budget
+from vtprune.methods.base import Method, Selection
+from vtprune.signals import Signals
+from vtprune.types import PruneStats, SpanStats, StageStats
+
+
+@dataclass
+class Step:
+    """One method at one stage with its resolved budget."""
+
+    method: Method
+    budget: Budget
+    label: str  # "vision" | "input" | "layer:K"
+    layer: int | None  # K for layer steps
+
+
+@dataclass
+class IndexMap:
+    """Current sequence -> base (LLM input) sequence: ``index[b, j]`` is the base position of slot j,
+    ``valid[b, j]`` is False for padding slots we added (which point at a dropped token and are masked)."""
+
+    index: torch.Tensor  # (B, L_cur) long
+    valid: torch.Tensor  # (B, L_cur) bool
+    version: int = 0
+
+
+@dataclass
+class Layout:
+    """Per-position facts about the ORIGINAL sequence of one prefill, all (B, L)."""
+
+    visual: torch.Tensor  # bool: a visual token (placeholder), structural ones included
+    cand: torch.Tensor  # bool: a visual token a method may select (not structural)
+    image: torch.Tensor  # long: global image index (-1 text)
+    frame: torch.Tensor  # long: frame within the image
+    src: torch.Tensor  # long: row of the flattened ViT token array (-1 none)
+    grid: torch.Tensor  # (B, L, 3) long
+    line: torch.Tensor  # long: canvas-row id for the newline rule (-1 none)
+
+
+@dataclass
+class Forward:
+    """State of one prefill: the original sequence, captured signals and the current index maps."""
+
+    layout: Layout
+    record: VisionRecord | None
+    embeds: torch.Tensor  # (B, L, D) LLM input embeddings, original coordinates (overrides written here)
+    projected: torch.Tensor  # (B, L, D) the same, never overridden
+    mask0: torch.Tensor  # (B, L) long 2-D attention mask of the original sequence
+    base: IndexMap  # LLM input -> original
+    base_mask: torch.Tensor | None = None  # (B, L0) long mask of the LLM input
+    layer_maps: dict[int, IndexMap] = field(default_factory=dict)  # first layer -> map into base
+    captures: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+    kwargs_memo: dict[Any, Any] = field(default_factory=dict)
+
+    def map_at(self, layer: int) -> IndexMap | None:
+        """The map of the hidden states entering ``layer`` (None: the base sequence)."""
+        keys = [k for k in self.layer_maps if k <= layer]
+        return self.layer_maps[max(keys)] if keys else None
+
+
+@dataclass
+class Generation:
+    """What decode steps need from the prefill that pruned (one cache)."""
+
+    cache: Callable[[], Any]  # weakref to the KV cache object
+    orig_len: int  # L: prompt length as the caller sees it
+    base_len: int  # L0: length of the LLM input after pre-LLM pruning
+    base_mask: torch.Tensor  # (B, L0)
+    base_pruned: bool
+    has_pads: bool
+    pos_shift: torch.Tensor | None  # (B,) compact-position shift at the LLM input
+    layer_maps: dict[int, IndexMap]
+    layer_shift: dict[int, torch.Tensor]  # first layer -> (B,) extra compact shift for layers >= it
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    def map_at(self, layer: int) -> tuple[int, IndexMap] | None:
+        keys = [k for k in self.layer_maps if k <= layer]
+        return (max(keys), self.layer_maps[max(keys)]) if keys else None
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather ``x`` along ``dim`` with a (B, L') index broadcast over the trailing dims (and over a
+    batch dim of 1, as in the (1, L, d) rotary tables of an unpadded batch)."""
+    if x.shape[0] == 1 and index.shape[0] > 1:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    shape = list(index.shape) + [1] * (x.dim() - dim - 1)
+    idx = index.reshape(shape).expand(*index.shape, *x.shape[dim + 1 :])
+    return x.gather(dim, idx)
+
+
+def take_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather position ids of shape (B, L) or (R, B, L) (M-RoPE rows) with a (B, L') index."""
+    if pos.dim() == 2:
+        return pos.expand(index.shape[0], -1).gather(1, index)
+    return pos.gather(2, index.unsqueeze(0).expand(pos.shape[0], -1, -1))
+
+
+def _masked_value(mask: torch.Tensor) -> Any:
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def take_mask(
+    mask: torch.Tensor, kv_index: torch.Tensor, kv_valid: torch.Tensor, q_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cut an attention mask down to the kept keys (and queries).
+
+    ``mask`` is a 2-D (B, KV) padding mask or a 4-D (B, 1|H, Q, KV) boolean / additive mask;
+    ``kv_index`` (B, KV') selects keys, ``kv_valid`` (B, KV') masks padding slots, ``q_index`` (B, Q')
+    selects query rows of a 4-D mask.
+    """
+    if mask.dim() == 2:
+        out = mask.gather(1, kv_index)
+        return out.masked_fill(~kv_valid, 0)
+    if q_index is not None and mask.shape[2] != 1:
+        mask = mask.gather(2, q_index[:, None, :, None].expand(mask.shape[0], mask.shape[1], -1, mask.shape[3]))
+    out = mask.gather(3, kv_index[:, None, None, :].expand(mask.shape[0], mask.shape[1], mask.shape[2], -1))
+    return out.masked_fill(~kv_valid[:, None, None, :], _masked_value(mask))
+
+
+def build_mask(impl: str, kv_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """A mask in ``impl``'s format for the last ``q_len`` slots attending causally over ``kv_valid``."""
+    if impl.startswith("flash") or impl == "paged_attention":
+        return kv_valid.long()
+    B, KV = kv_valid.shape
+    q_abs = torch.arange(KV - q_len, KV, device=kv_valid.device)  # (q,) kv index of each query
+    causal = torch.arange(KV, device=kv_valid.device)[None, :] <= q_abs[:, None]  # (q, KV)
+    allowed = causal[None, None] & kv_valid[:, None, None, :]  # (B, 1, q, KV)
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=kv_valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def compact_positions(pos: torch.Tensor, attend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-index 1-D positions (B, L') contiguously over attended slots; returns (positions, shift (B,)).
+    ``shift`` = old - new position of each row's last attended slot (what decode steps subtract)."""
+    first = torch.where(attend, pos, torch.iinfo(pos.dtype).max).min(dim=1).values  # (B,)
+    first = torch.where(attend.any(1), first, torch.zeros_like(first))
+    rank = attend.long().cumsum(1) - 1  # (B, L')
+    new = torch.where(attend, first[:, None] + rank, first[:, None])
+    last = (attend.long() * torch.arange(1, pos.shape[1] + 1, device=pos.device)).argmax(1)  # last attended slot
+    shift = pos.gather(1, last[:, None])[:, 0] - new.gather(1, last[:, None])[:, 0]
+    return new, shift
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, d) with cos/sin (B, T, d): the rotate-half RoPE every supported LLM uses."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Engine:
+    """Installs the hooks for one ``prune()`` call and runs the steps. One per handle."""
+
+    def __init__(self, adapter: Adapter, steps: list[Step], positions: str, stats_box: list[PruneStats]) -> None:
+        self.adapter = adapter
+        self.pre_steps = [s for s in steps if s.layer is None]
+        self.layer_steps: dict[int, list[Step]] = {}
+        for s in steps:
+            if s.layer is not None:
+                self.layer_steps.setdefault(s.layer, []).append(s)
+        self.positions = positions
+        self._stats_box = stats_box  # the handle reads stats_box[0]
+        self._input_ids: torch.Tensor | None = None
+        self._embeds_in: torch.Tensor | None = None
+        self._pending: VisionRecord | None = None
+        self._vision: VisionRecord | None = None
+        self._fwd: Forward | None = None
+        self._gen: Generation | None = None
+        self._phase: str | None = None
+        self._prefill_stats: PruneStats | None = None
+
+    # ================================================================== installation
+    def install(self, patcher: Any) -> None:
+        a = self.adapter
+        vlm, lm = a.vlm, a.language_model
+        patcher.wrap_method(vlm, "get_image_features", self._wrap_image_features)
+        patcher.pre_hook(vlm, self._on_vlm, what="vtprune: read input_ids")
+        patcher.pre_hook(lm, self._on_lm, what="vtprune: prune the LLM input")
+        patcher.post_hook(lm, self._after_lm, what="vtprune: finish prefill")
+        methods = [s.method for s in self.pre_steps] + [s.method for ss in self.layer_steps.values() for s in ss]
+        needs = set().union(*(m.requires for m in methods)) if methods else set()
+        vit_layers = {a.feature_hidden_index(getattr(m, "vit_layer", None))
+                      for m in methods if m.requires & {"cls_attention", "vit_keys"}}
+        for h in sorted(vit_layers):
+            patcher.pre_hook(a.vit_attention(h), self._capture_vit(h), what=f"vtprune: capture ViT attention input {h}")
+        if "vit_features" in needs:
+            patcher.pre_hook(a.projector, self._capture_features, what="vtprune: capture projector input")
+        if self.layer_steps:
+            layers = a.decoder_layers
+            for l in range(min(self.layer_steps), len(layers)):
+                patcher.pre_hook(layers[l], self._layer_hook(l), what=f"vtprune: decoder layer {l}")
+            for K, steps in self.layer_steps.items():
+                req = set().union(*(s.method.requires for s in steps))
+                if "text_attention" in req:
+                    patcher.pre_hook(layers[K - 1].self_attn, self._capture_attn(K - 1),
+                                     what=f"vtprune: capture layer {K - 1} attention input")
+                if "hidden_prev" in req:
+                    patcher.pre_hook(layers[K - 1], self._capture_hidden(K - 1),
+                                     what=f"vtprune: capture layer {K - 1} input")
+
+    # ================================================================== capture hooks
+    def _wrap_image_features(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            record = VisionRecord()
+            self._pending = record
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._pending = None
+            self.adapter.image_layouts(args, kwargs, out, record)
+            pooled = getattr(out, "pooler_output", None)
+            record.features = list(pooled) if isinstance(pooled, (list, tuple)) else []
+            self._vision = record
+            return out
+
+        return get_image_features
+
+    def _capture_vit(self, h: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._pending is not None:
+                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                self._pending.stash[("vit_in", h)] = x.detach()
+
+        return hook
+
+    def _capture_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._pending is not None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            self._pending.stash["features"] = x.detach()
+
+    def _capture_attn(self, l: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._phase == "prefill" and self._fwd is not None:
+                self._fwd.captures[("attn", l)] = {
+                    "x": (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach(),
+                    "pe": kwargs.get("position_embeddings"),
+                    "cache": kwargs.get("past_key_values"),
+                }
+
+        return hook
+
+    def _capture_hidden(self, l: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._phase == "prefill" and self._fwd is not None:
+                x = args[0] if args else kwargs["hidden_states"]
+                self._fwd.captures[("hidden", l)] = {"x": x.detach()}
+
+        return hook
+
+    def _on_vlm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._embeds_in = kwargs.get("inputs_embeds")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        record = self._vision
+        if encoded is not None and record is not None and record.features:
+            # generate() may repeat images for beams / num_return_sequences after encoding them; follow it
+            # by tensor identity so each placeholder run keeps its own image's layout.
+            pooled = getattr(encoded, "pooler_output", None)
+            by_id = {id(t): im for t, im in zip(record.features, record.images)}
+            if isinstance(pooled, (list, tuple)) and all(id(t) in by_id for t in pooled):
+                record.images = [by_id[id(t)] for t in pooled]
+                record.features = list(pooled)
+
+    # ================================================================== LLM input
+    def _on_lm(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        past = kwargs.get("past_key_values")
+        if past is not None and getattr(past, "is_compileable", False):
+            raise NotImplementedError(
+                "vtprune drops tokens, which a static (compileable) KV cache cannot hold; use the default DynamicCache"
+            )
+        if past is None or past.get_seq_length() == 0:
+            with torch.no_grad():
+                return self._prefill(args, kwargs)
+        return self._decode(kwargs, past)
+
+    def _layout(self, visual: torch.Tensor) -> tuple[Layout, VisionRecord | None]:
+        B, L = visual.shape
+        record, self._vision = self._vision, None
+        n_visual = int(visual.sum())
+        if record is None or not record.images:
+            record = self.adapter.default_layouts(n_visual)
+            if record is None:
+                raise RuntimeError(
+                    f"{self.adapter.family}: vtprune saw {n_visual} visual tokens but no get_image_features "
+                    "call; pass pixel_values so the image layout is known"
+                )
+        n_feat = sum(im.num_tokens for im in record.images)
+        if n_feat != n_visual:
+            raise ValueError(
+                f"image placeholders and features do not match: {n_visual} placeholder tokens, {n_feat} features"
+            )
+        dev = visual.device
+        cat = lambda xs: torch.cat(xs).to(dev)  # noqa: E731
+        src = cat([im.src for im in record.images])
+        grid = cat([im.grid for im in record.images])
+        frame = cat([im.frame for im in record.images])
+        image = cat([torch.full((im.num_tokens,), i) for i, im in enumerate(record.images)])
+        line_parts, offset = [], 0
+        for im in record.images:  # make canvas-row ids unique across images
+            line_parts.append(torch.where(im.line >= 0, im.line + offset, im.line))
+            offset += int(im.line.max()) + 1 if im.line.numel() and im.line.max() >= 0 else 0
+        line = cat(line_parts)
+
+        def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
+            out = torch.full((B, L, *values.shape[1:]), fill, dtype=torch.long, device=dev)
+            out[visual] = values.long()
+            return out
+
+        layout = Layout(
+            visual=visual,
+            cand=visual & scatter(src, -1).ne(-1),  # src -1 marks structural tokens
+            image=scatter(image, -1),
+            frame=scatter(frame, 0),
+            src=scatter(src, -1),
+            grid=scatter(grid, -1),
+            line=scatter(line, -1),
+        )
+        return layout, record
+
+    def _prefill(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._fwd, self._gen, self._phase = None, None, "prefill"
+        embeds = kwargs.get("inputs_embeds")
+        visual = self.adapter.visual_mask(self._input_ids, self._embeds_in) if embeds is not None else None
+        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
+            self._vision = None
+            self._phase = None  # a prompt with no image passes through untouched
+            self._set_stats(PruneStats())
+            return None
+        B, L, _ = embeds.shape
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise NotImplementedError("vtprune needs a 2-D attention_mask (or None); got a custom 4-D mask")
+        mask0 = mask.long() if mask is not None else torch.ones(B, L, dtype=torch.long, device=embeds.device)
+        layout, record = self._layout(visual)
+        ident = torch.arange(L, device=embeds.device).expand(B, L)
+        fwd = Forward(layout=layout, record=record, embeds=embeds, projected=embeds, mask0=mask0,
+                      base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
+        self._fwd = fwd
+        stats = PruneStats(visual_before=visual.sum(1).tolist())
+        self._prefill_stats = stats
+
+        cur = fwd.base
+        for step in self.pre_steps:
+            out = self._run_step(step, fwd, cur, tokens=None, stats=stats)
+            if out is not None:
+                order, new_valid, _ = out
+                cur = IndexMap(torch.where(new_valid, cur.index.gather(1, order), -1), new_valid, cur.version + 1)
+        fwd.base = cur
+        index = cur.index.clamp(min=0)  # (B, L0)
+        fwd.base_mask = mask0.gather(1, index) * cur.valid
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(L, device=embeds.device).expand(B, L)
+        base_pruned = cur.version > 0
+        pos_shift = None
+        new: dict[str, Any] = {}
+        if base_pruned:
+            new["inputs_embeds"] = _take(fwd.embeds, index)
+            new["attention_mask"] = fwd.base_mask if mask is None else fwd.base_mask.to(mask.dtype)
+            new["position_ids"] = take_positions(pos, index)
+            new.update(self.adapter_extra_inputs(kwargs, index, cur.valid))
+        if self.positions == "compact" and base_pruned:
+            new["position_ids"], pos_shift = compact_positions(new["position_ids"], fwd.base_mask.bool())
+        self._gen = Generation(
+            cache=lambda: None, orig_len=L, base_len=index.shape[1], base_mask=fwd.base_mask, base_pruned=base_pruned,
+            has_pads=bool((~cur.valid).any()), pos_shift=pos_shift, layer_maps=fwd.layer_maps, layer_shift={},
+        )
+        if not new:
+            return None
+        kwargs = {**kwargs, **new}
+        return args, kwargs
+
+    def adapter_extra_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        """Sequence-aligned LLM kwargs beyond embeddings/mask/positions (none for LLaVA)."""
+        return {}
+
+    def _decode(self, kwargs: dict, past: Any) -> tuple[tuple, dict] | None:
+        gen = self._gen
+        if gen is None or gen.cache() is not past:
+            self._phase = None  # not the sequence we pruned: leave it alone
+            return None
+        self._phase = "decode"
+        if not gen.base_pruned:
+            return None
+        new: dict[str, Any] = {}
+        mask = kwargs.get("attention_mask")
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1]
+        if mask is not None:
+            if mask.dim() != 2 or mask.shape[1] < gen.orig_len:
+                raise NotImplementedError(
+                    f"decode step got an attention_mask of shape {tuple(mask.shape)}; vtprune expects the 2-D mask "
+                    f"of the full (unpruned) sequence, at least {gen.orig_len} long"
+                )
+            new["attention_mask"] = torch.cat([gen.base_mask.to(mask.dtype), mask[:, gen.orig_len :]], dim=1)
+        elif gen.has_pads:
+            t = past.get_seq_length() - gen.base_len + q
+            ones = torch.ones(gen.base_mask.shape[0], t, dtype=gen.base_mask.dtype, device=gen.base_mask.device)
+            new["attention_mask"] = torch.cat([gen.base_mask, ones], dim=1)
+        pos = kwargs.get("position_ids")
+        if pos is None:  # what the unpruned model would use: continue after the ORIGINAL length
+            start = past.get_seq_length() + gen.orig_len - gen.base_len
+            pos = (torch.arange(q, device=embeds.device) + start).expand(embeds.shape[0], q)
+            new["position_ids"] = pos
+        if gen.pos_shift is not None:
+            shift = gen.pos_shift[:, None] if pos.dim() == 2 else gen.pos_shift[None, :, None]
+            new["position_ids"] = pos - shift
+        return (), {**kwargs, **new}
+
+    def _after_lm(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._phase == "prefill" and self._fwd is not None:
+            cache = getattr(output, "past_key_values", None)
+            if self._gen is not None and cache is not None:
+                self._gen.cache = weakref.ref(cache)
+            self._finish_stats(self._fwd)
+            self._fwd = None  # release captured activations
+
+    # ================================================================== decoder layers
+    def _layer_hook(self, l: int) -> Callable[..., tuple[tuple, dict] | None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._phase == "prefill" and self._fwd is not None:
+                with torch.no_grad():
+                    return self._layer_prefill(l, args, kwargs)
+            if self._phase == "decode" and self._gen is not None:
+                return self._layer_decode(l, args, kwargs)
+            return None
+
+        return hook
+
+    def _layer_prefill(self, l: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        fwd = self._fwd
+        assert fwd is not None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if l in self.layer_steps:
+            prev = fwd.map_at(l - 1) or self._base_identity(fwd)
+            cur = prev
+            # slot of each current token in the coordinates of the hidden states entering layer l
+            # (where layer l-1's signals were captured); changes if several steps act at layer l
+            local = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
+            changed = False
+            for step in self.layer_steps[l]:
+                out = self._run_step(step, fwd, cur, tokens=hidden, stats=self._prefill_stats, local=local, prev=prev)
+                if out is None:
+                    continue
+                order, new_valid, values = out
+                if values is not None:  # merged representations, written before the gather
+                    hidden = hidden.clone()
+                    rows, pos, vals = values
+                    hidden[rows, pos] = vals.to(hidden.dtype)
+                hidden = _take(hidden, order)
+                local = local.gather(1, order)
+                cur = IndexMap(torch.where(new_valid, cur.index.gather(1, order), -1), new_valid, cur.version + 1)
+                changed = True
+            if changed:
+                fwd.layer_maps[l] = cur
+                if self.positions == "compact":
+                    base_pos = self._base_positions(kwargs, fwd)
+                    _, shift = compact_positions(take_positions(base_pos, cur.index.clamp(min=0)),
+                                                 self._attend(fwd, cur))
+                    self._gen.layer_shift[l] = shift - self._prev_shift(l)
+        m = fwd.map_at(l)
+        if m is None:
+            return None
+        new_kwargs = self._layer_kwargs(m, kwargs, fwd, hidden)
+        if args:
+            return (hidden, *args[1:]), {**kwargs, **new_kwargs}
+        return args, {**kwargs, **new_kwargs, "hidden_states": hidden}
+
+    def _base_identity(self, fwd: Forward) -> IndexMap:
+        B, L0 = fwd.base_mask.shape
+        return IndexMap(torch.arange(L0, device=fwd.base_mask.device).expand(B, L0), fwd.base.valid)
+
+    def _prev_shift(self, l: int) -> torch.Tensor | int:
+        earlier = [k for k in self._gen.layer_shift if k < l]
+        return sum(self._gen.layer_shift[k] for k in earlier) if earlier else 0
+
+    def _attend(self, fwd: Forward, m: IndexMap) -> torch.Tensor:
+        return fwd.base_mask.gather(1, m.index.clamp(min=0)).bool() & m.valid
+
+    def _base_positions(self, kwargs: dict, fwd: Forward) -> torch.Tensor:
+        pos = kwargs.get("position_ids")
+        B, L0 = fwd.base_mask.shape
+        if pos is None or pos.shape[-1] != L0:
+            raise RuntimeError("vtprune: decoder layers did not receive the LLM input's position_ids")
+        return pos.expand(B, L0) if pos.dim() == 2 else pos
+
+    def _layer_kwargs(self, m: IndexMap, kwargs: dict, fwd: Forward, hidden: torch.Tensor) -> dict[str, Any]:
+        """Per-layer kwargs computed by the model for the LLM input, cut to the current map (memoised)."""
+        key = (id(m), id(kwargs.get("attention_mask")), id(kwargs.get("position_embeddings")))
+        if key in fwd.kwargs_memo:
+            return fwd.kwargs_memo[key]
+        index = m.index.clamp(min=0)
+        new: dict[str, Any] = {}
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            new["position_ids"] = take_positions(self._base_positions(kwargs, fwd), index)
+        pe = kwargs.get("position_embeddings")
+        if self.positions == "compact":
+            new_pos, _ = compact_positions(new["position_ids"], self._attend(fwd, m))
+            new["position_ids"] = new_pos
+            new["position_embeddings"] = self.adapter.language_model.rotary_emb(hidden, new_pos)
+        elif pe is not None:
+            new["position_embeddings"] = tuple(_take(t, index) for t in pe)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            new["attention_mask"] = take_mask(mask, index, m.valid, q_index=index)
+        elif bool((~m.valid).any()):
+            new["attention_mask"] = build_mask(self.adapter.attn_implementation(), m.valid, index.shape[1], hidden.dtype)
+        fwd.kwargs_memo[key] = new
+        return new
+
+    def _layer_decode(self, l: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        gen = self._gen
+        found = gen.map_at(l)
+        if found is None:
+            return None
+        first, m = found
+        mask = kwargs.get("attention_mask")
+        key = ("decode", first, id(mask), id(kwargs.get("position_embeddings")))
+        if gen.memo.get("key") == key:
+            new = gen.memo["value"]
+        else:
+            new = {}
+            hidden = args[0] if args else kwargs["hidden_states"]
+            q = hidden.shape[1]
+            B = m.index.shape[0]
+            cache = gen.cache()
+            t = cache.get_seq_length() - gen.base_len if cache is not None else q  # new tokens so far, incl. this step
+            tail = torch.arange(gen.base_len, gen.base_len + t, device=m.index.device).expand(B, t)
+            kv_index = torch.cat([m.index.clamp(min=0), tail], dim=1)
+            kv_valid = torch.cat([m.valid, torch.ones(B, t, dtype=torch.bool, device=m.valid.device)], dim=1)
+            if mask is not None:
+                new["attention_mask"] = take_mask(mask, kv_index, kv_valid)
+            elif bool((~m.valid).any()):
+                new["attention_mask"] = build_mask(self.adapter.attn_implementation(), kv_valid, q, hidden.dtype)
+            shift = sum(s for k, s in gen.layer_shift.items() if k <= l) if gen.layer_shift else None
+            if shift is not None and kwargs.get("position_ids") is not None:
+                pos = kwargs["position_ids"]
+                pos = pos - (shift[:, None] if pos.dim() == 2 else shift[None, :, None])
+                new["position_ids"] = pos
+                new["position_embeddings"] = self.adapter.language_model.rotary_emb(hidden, pos)
+            gen.memo = {"key": key, "value": new}
+        if not new:
+            return None
+        return args, {**kwargs, **new}
+
+    # ================================================================== selection
+    def _run_step(
+        self, step: Step, fwd: Forward, cur: IndexMap, tokens: torch.Tensor | None, stats: PruneStats | None,
+        local: torch.Tensor | None = None, prev: IndexMap | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple | None] | None:
+        """Run one method on the current sequence. Returns (order (B, L') into the current sequence,
+        valid (B, L'), merged values or None), or None when nothing is dropped."""
+        t0 = time.perf_counter()
+        device = cur.index.device
+        lay = fwd.layout
+        orig = cur.index.clamp(min=0)  # (B, Lc) original positions (via base for layer steps)
+        if step.layer is not None:
+            orig = fwd.base.index.clamp(min=0).gather(1, orig)
+        cand = cur.valid & lay.cand.gather(1, orig)  # (B, Lc)
+        policy = step.budget.policy
+        if policy == "per_frame":
+            key = lay.image.gather(1, orig) * 1_000_000 + lay.frame.gather(1, orig)
+        elif policy == "per_image":
+            key = lay.image.gather(1, orig)
+        else:
+            key = torch.arange(cand.shape[0], device=device)[:, None].expand_as(cand)
+        b_idx, p_idx = cand.nonzero(as_tuple=True)  # row-major: a span's tokens stay in sequence order
+        keys = key[b_idx, p_idx]
+        srt = torch.argsort(keys, stable=True)
+        b_idx, p_idx, keys = b_idx[srt], p_idx[srt], keys[srt]
+        _, counts = torch.unique_consecutive(keys, return_counts=True)
+        counts_l = counts.tolist()
+        starts = [0]
+        for c in counts_l[:-1]:
+            starts.append(starts[-1] + c)
+        rows_l = b_idx[torch.tensor(starts, dtype=torch.long, device=device)].tolist() if counts_l else []
+        view = _StageView(self, fwd, step, orig, tokens, local, prev)
+        keep = cur.valid & ~cand  # text, structural tokens, original padding
+        before = cand.sum(1).tolist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        ordinals, seen = [], {}
+        span_stats = []
+        for s, (n, r) in enumerate(zip(counts_l, rows_l)):
+            ordinals.append(seen.get(r, 0))
+            seen[r] = ordinals[-1] + 1
+            k = step.budget.count(n)
+            first = p_idx[starts[s]]
+            span_stats.append(SpanStats(row=r, image=int(lay.image[r, orig[r, first]]),
+                                        frame=int(lay.frame[r, orig[r, first]]) if policy == "per_frame" else -1,
+                                        n=n, kept=k))
+            if k >= n:
+                keep[r, p_idx[starts[s] : starts[s] + n]] = True
+            else:
+                groups.setdefault((n, k), []).append(s)
+        merged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for (n, k), spans in groups.items():
+            pos = torch.stack([p_idx[starts[s] : starts[s] + n] for s in spans])  # (S, n)
+            rows = torch.tensor([rows_l[s] for s in spans], device=device)  # (S,)
+            sig = Signals(view, stage=step.label.split(":")[0], layer=step.layer, rows=rows, positions=pos,
+                          ordinals=torch.tensor([ordinals[s] for s in spans], device=device))
+            out = step.method.select(sig, k)
+            sel, values = (out.index, out.values) if isinstance(out, Selection) else (out, None)
+            self._check_selection(step, sel, len(spans), n, k)
+            kept = pos.gather(1, sel.to(device))  # (S, k) current positions
+            keep[rows[:, None].expand_as(kept), kept] = True
+            if values is not None:
+                merged.append((rows[:, None].expand_as(kept), kept, values))
+        if not groups:
+            self._record_stage(stats, step, before, before, span_stats, t0, device)
+            return None
+        # AnyRes rule: a structural (newline) token survives iff its canvas row keeps a candidate.
+        line = lay.line.gather(1, orig)
+        structural = cur.valid & ~cand & lay.visual.gather(1, orig) & (line >= 0)
+        if bool(structural.any()):
+            kept_lines = torch.unique(line[keep & cand & (line >= 0)])
+            keep = torch.where(structural, torch.isin(line, kept_lines), keep)
+        values_out = None
+        if merged:
+            rows, pos, vals = (torch.cat([m[i].reshape(-1, *m[i].shape[2:]) for m in merged]) for i in range(3))
+            if step.layer is None:  # before the LLM: write into the original-coordinate embeddings
+                fwd.embeds = fwd.embeds.clone() if fwd.embeds is fwd.projected else fwd.embeds
+                fwd.embeds[rows, orig[rows, pos]] = vals.to(fwd.embeds.dtype)
+            else:
+                values_out = (rows, pos, vals)
+        n_keep = keep.sum(1)
+        new_len = int(n_keep.max())
+        # Kept slots in order, left-padded with dropped ones (stable sort puts False first).
+        order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - new_len :]  # (B, L')
+        new_valid = keep.gather(1, order)
+        after = (cand & keep).sum(1).tolist()
+        self._record_stage(stats, step, before, after, span_stats, t0, device)
+        return order, new_valid, values_out
+
+    @staticmethod
+    def _check_selection(step: Step, sel: torch.Tensor, S: int, n: int, k: int) -> None:
+        name = step.method.name
+        if sel.shape != (S, k) or sel.dtype not in (torch.int64, torch.int32):
+            raise RuntimeError(f"method {name!r} returned indices of shape {tuple(sel.shape)} / {sel.dtype}; "
+                               f"expected ({S}, {k}) integers")
+        if bool((sel < 0).any() or (sel >= n).any()):
+            raise RuntimeError(f"method {name!r} returned indices outside [0, {n})")
+        hit = torch.zeros(S, n, dtype=torch.bool, device=sel.device).scatter_(1, sel.long(), True)
+        if bool((hit.sum(1) != k).any()):
+            raise RuntimeError(f"method {name!r} returned duplicate indices; it must keep exactly {k} distinct tokens")
+
+    def _record_stage(self, stats: PruneStats | None, step: Step, before: list[int], after: list[int],
+                      spans: list[SpanStats], t0: float, device: torch.device) -> None:
+        if stats is None:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats.stages.append(StageStats(stage=step.label, method=step.method.name, before=before, after=after,
+                                       spans=spans, select_ms=(time.perf_counter() - t0) * 1e3))
+
+    # ================================================================== stats
+    def _set_stats(self, stats: PruneStats) -> None:
+        self._stats_box[0] = stats
+
+    def _finish_stats(self, fwd: Forward) -> None:
+        stats = self._prefill_stats or PruneStats()
+        vis = fwd.layout.visual
+        base_idx, base_valid = fwd.base.index.clamp(min=0), fwd.base.valid
+        maps = {0: (base_idx, base_valid)}
+        for K, m in sorted(fwd.layer_maps.items()):
+            maps[K] = (base_idx.gather(1, m.index.clamp(min=0)), m.valid)
+        stats.positions_by_layer = {K: [idx[b][valid[b]] for b in range(idx.shape[0])] for K, (idx, valid) in maps.items()}
+        counts = {K: (vis.gather(1, idx) & valid).sum(1) for K, (idx, valid) in maps.items()}
+        n_layers = self.adapter.num_layers
+        per_layer = torch.stack([counts[max(k for k in counts if k <= l)] for l in range(n_layers)]).float()
+        last = max(maps)
+        stats.visual_after = counts[last].tolist()
+        stats.kept_positions = stats.positions_by_layer[last]
+        stats.mean_visual_per_layer = per_layer.mean(0).tolist()
+        self._set_stats(stats)
+
+
+class _StageView:
+    """The :class:`~vtprune.signals.SignalSource` of one step: computes signals in its coordinates."""
+
+    def __init__(self, engine: Engine, fwd: Forward, step: Step, orig: torch.Tensor, tokens: torch.Tensor | None,
+                 local: torch.Tensor | None, prev: IndexMap | None) -> None:
+        self.engine, self.fwd, self.step, self.orig, self.tokens = engine, fwd, step, orig, tokens
+        self.local, self.prev = local, prev  # layer steps: current slot -> captured slot; captured coords map
+        self.adapter = engine.adapter
+
+    def _captured(self, sig: Signals) -> torch.Tensor:
+        """(S, N) slots of the candidates in the coordinates where layer K-1 was captured."""
+        return self.local[sig.rows[:, None], sig.positions]
+
+    def _orig_of(self, sig: Signals) -> torch.Tensor:
+        return self.orig[sig.rows[:, None], sig.positions]  # (S, N) original positions
+
+    def signal(self, name: str, sig: Signals, **kw: Any) -> Any:
+        fn = getattr(self, f"_sig_{name}", None)
+        if fn is None:
+            raise KeyError(f"signal {name!r} is not available from the {self.adapter.family} adapter")
+        return fn(sig, **kw)
+
+    # ---------------------------------------------------------------- sequence signals
+    def _sig_tokens(self, sig: Signals) -> torch.Tensor:
+        if self.tokens is None:  # before the LLM: the (possibly merged) input embeddings
+            return self.fwd.embeds[sig.rows[:, None], self._orig_of(sig)]
+        return self.tokens[sig.rows[:, None], sig.positions]
+
+    def _sig_projected(self, sig: Signals) -> torch.Tensor:
+        return self.fwd.projected[sig.rows[:, None], self._orig_of(sig)]
+
+    def _sig_grid(self, sig: Signals) -> torch.Tensor:
+        return self.fwd.layout.grid[sig.rows[:, None], self._orig_of(sig)]
+
+    def _sig_projector(self, sig: Signals) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.adapter.projector
+
+    def _sig_instruction(self, sig: Signals) -> tuple[torch.Tensor, torch.Tensor]:
+        fwd = self.fwd
+        key = "instruction"
+        if key not in fwd.cache:
+            lay = fwd.layout
+            B, L = lay.visual.shape
+            last_vis = (lay.visual.long() * torch.arange(1, L + 1, device=lay.visual.device)).argmax(1)  # (B,)
+            after = torch.arange(L, device=lay.visual.device)[None] > last_vis[:, None]
+            sel = after & fwd.mask0.bool() & ~lay.visual
+            sel = torch.where(sel.any(1, keepdim=True), sel, fwd.mask0.bool() & ~lay.visual)  # image last: all text
+            fwd.cache[key] = sel
+        sel = fwd.cache[key][sig.rows]  # (S, L)
+        T = int(sel.sum(1).max())
+        order = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]  # (S, T)
+        emb = fwd.projected[sig.rows[:, None], order]  # (S, T, D)
+        return emb, sel.gather(1, order)
+
+    def _sig_hidden_prev(self, sig: Signals) -> torch.Tensor:
+        cap = self.fwd.captures.get(("hidden", self.step.layer - 1))
+        if cap is None:
+            raise RuntimeError("hidden_prev was not captured (the method must list it in `requires`)")
+        return cap["x"][sig.rows[:, None], self._captured(sig)]
+
+    def _sig_text_attention(self, sig: Signals, query: str = "last", per_head: bool = False) -> torch.Tensor:
+        key = ("text_attention", self.step.layer, query, per_head)
+        if key not in self.fwd.cache:
+            self.fwd.cache[key] = self._text_attention(query, per_head)
+        scores = self.fwd.cache[key]  # (B, Lc) or (B, H, Lc)
+        slots = self._captured(sig)
+        if per_head:
+            return scores[sig.rows[:, None], :, slots].transpose(1, 2)  # (S, H, N)
+        return scores[sig.rows[:, None], slots]  # (S, N)
+
+    def _text_attention(self, query: str, per_head: bool) -> torch.Tensor:
+        K = self.step.layer
+        cap = self.fwd.captures.get(("attn", K - 1))
+        if cap is None:
+            raise RuntimeError("text_attention was not captured (the method must list it in `requires`)")
+        attn = self.adapter.decoder_layers[K - 1].self_attn
+        x, (cos, sin) = cap["x"], cap["pe"]  # (B, Lc, D), (B, Lc, d)
+        B, Lc, _ = x.shape
+        attend = self.engine._attend(self.fwd, self.prev)  # (B, Lc) in captured coordinates
+        ar = torch.arange(Lc, device=x.device)
+        if query == "last":
+            q_idx = (attend.long() * (ar + 1)).argmax(1, keepdim=True)  # (B, 1) last attended token
+            q_ok = torch.ones_like(q_idx, dtype=torch.bool)
+        elif query == "instruction":
+            lay = self.fwd.layout
+            cap_orig = self.fwd.base.index.clamp(min=0).gather(1, self.prev.index.clamp(min=0))
+            vis = lay.visual.gather(1, cap_orig)  # (B, Lc)
+            last_vis = (vis.long() * (ar + 1)).argmax(1, keepdim=True)
+            sel = attend & ~vis & (ar[None] > last_vis)
+            sel = torch.where(sel.any(1, keepdim=True), sel, attend & ~vis)
+            T = int(sel.sum(1).max())
+            q_idx = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]
+            q_ok = sel.gather(1, q_idx)
+        else:
+            raise ValueError(f"text_attention: query={query!r}; allowed: 'last', 'instruction'")
+        head_dim = attn.head_dim
+        q = attn.q_proj(_take(x, q_idx)).view(B, q_idx.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Tq, d)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2)
+        q = apply_rope(q, _take(cos, q_idx), _take(sin, q_idx))
+        cache = cap.get("cache")
+        layer_cache = None
+        if cache is not None and hasattr(cache, "layers") and len(cache.layers) > K - 1:
+            layer_cache = cache.layers[K - 1]
+        if layer_cache is not None and getattr(layer_cache, "keys", None) is not None and layer_cache.keys.shape[-2] == Lc:
+            k = layer_cache.keys  # (B, Hkv, Lc, d), already normed and rotated
+        else:
+            k = attn.k_proj(x).view(B, Lc, -1, head_dim).transpose(1, 2)
+            if hasattr(attn, "k_norm"):
+                k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2)
+            k = apply_rope(k, cos, sin)
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # GQA: (B, H, Lc, d)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Tq, Lc)
+        allowed = attend[:, None, None, :] & (ar[None, None, None, :] <= q_idx[:, None, :, None])
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, Tq, Lc)
+        w = q_ok.float() / q_ok.float().sum(1, keepdim=True).clamp(min=1)  # (B, Tq)
+        probs = (probs * w[:, None, :, None]).sum(2)  # (B, H, Lc)
+        return probs if per_head else probs.mean(1)
+
+    # ---------------------------------------------------------------- vision-tower signals
+    def _vit_rows(self, sig: Signals) -> torch.Tensor:
+        src = self.fwd.layout.src[sig.rows[:, None], self._orig_of(sig)]  # (S, N)
+        if bool((src < 0).any()):
+            raise RuntimeError("vision-tower signals are unavailable for these tokens (no get_image_features call seen)")
+        return src
+
+    def _vit_tensor(self, key: Any) -> torch.Tensor:
+        record = self.fwd.record
+        if record is None or key not in record.stash:
+            raise RuntimeError(f"vision-tower signal {key!r} was not captured; was get_image_features called?")
+        return record.stash[key]
+
+    def _sig_cls_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
+        h = self.adapter.feature_hidden_index(vit_layer)
+        key = ("cls_attention", h)
+        if key not in self.fwd.cache:
+            x = self._vit_tensor(("vit_in", h))  # (n_tiles, T, Dv)
+            self.fwd.cache[key] = self.adapter.cls_attention(self.adapter.vit_attention(h), x).reshape(-1)
+        return self.fwd.cache[key].to(sig.device)[self._vit_rows(sig)]  # (S, N)
+
+    def _sig_vit_keys(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
+        h = self.adapter.feature_hidden_index(vit_layer)
+        key = ("vit_keys", h)
+        if key not in self.fwd.cache:
+            x = self._vit_tensor(("vit_in", h))
+            keys = self.adapter.vit_keys(self.adapter.vit_attention(h), x)  # (n_tiles, T, Dv)
+            self.fwd.cache[key] = keys.reshape(-1, keys.shape[-1])
+        return self.fwd.cache[key].to(sig.device)[self._vit_rows(sig)]  # (S, N, Dv)
+
+    def _sig_vit_features(self, sig: Signals) -> torch.Tensor:
+        feats = self._vit_tensor("features")  # (n_tiles, P, Dv)
+        record = self.fwd.record
+        T, P = record.tokens_per_tile, record.features_per_tile
+        src = self._vit_rows(sig)
+        rows = (src // T) * P + (src % T) - (T - P)  # projector-input row of each ViT token
+        return feats.reshape(-1, feats.shape[-1]).to(sig.device)[rows]  # (S, N, Dv)

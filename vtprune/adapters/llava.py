@@ -1,0 +1,88 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP ViT -> 2-layer MLP projector -> Llama.
+
+Each image is ``image_seq_length`` (576 for 336 px / patch 14) tokens in raster order; the ``default``
+feature strategy drops CLIP's [CLS] token, ``full`` keeps it as the first token (a grid-less candidate).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "cls_attention", "instruction",
+                         "text_attention", "hidden_prev", "projector", "grid"})
+
+    @property
+    def has_cls(self) -> bool:  # type: ignore[override]
+        return self.config.vision_config.model_type == "clip_vision_model"
+
+    def vit_layers(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        encoder = tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder
+        return encoder.layers
+
+    @property
+    def grid_side(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def _strategy(self, kwargs: dict) -> str:
+        return kwargs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+
+    def tile_tokens(self, strategy: str) -> tuple[int, int, int]:
+        """(ViT tokens per tile T incl. [CLS], projector tokens per tile P, index of the first patch)."""
+        patches = self.grid_side**2
+        cls = 1 if self.has_cls else 0
+        T = patches + cls
+        P = patches if strategy == "default" else T
+        return T, P, T - P
+
+    def cls_attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n, T, _ = x.shape
+        H, d = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x[:, :1]).view(n, 1, H, d).transpose(1, 2)  # (n, H, 1, d)
+        k = attn.k_proj(x).view(n, T, H, d).transpose(1, 2)  # (n, H, T, d)
+        probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (n, H, 1, T)
+        return probs[:, :, 0].mean(1)  # (n, T)
+
+    def _tile_layout(self, tile: int, T: int, P: int) -> ImageLayout:
+        """One tile's projector tokens: [CLS] first for ``full`` (group -1), then the patch grid."""
+        side = self.grid_side
+        lay = ImageLayout.raster(tile * T + (T - side * side) + torch.arange(side * side), side, side)
+        if P == side * side:
+            return lay
+        cls = ImageLayout(src=torch.tensor([tile * T]), grid=torch.tensor([[-1, 0, 0]]),
+                          line=torch.tensor([-1]), frame=torch.zeros(1, dtype=torch.long))
+        return ImageLayout(*(torch.cat([a, b]) for a, b in zip(
+            (cls.src, cls.grid, cls.line, cls.frame), (lay.src, lay.grid, lay.line, lay.frame))))
+
+    def image_layouts(self, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
+        feats = output.pooler_output  # list of (n_i, D), one per image
+        T, P, _ = self.tile_tokens(self._strategy(kwargs))
+        record.tokens_per_tile, record.features_per_tile = T, P
+        for i, f in enumerate(feats):
+            if f.shape[0] != P:
+                raise NotImplementedError(
+                    f"{self.family}: image {i} has {f.shape[0]} tokens, expected {P}; variable-size vision "
+                    "backbones are not supported by this adapter"
+                )
+            record.images.append(self._tile_layout(i, T, P))
+
+    def default_layouts(self, n_visual: int) -> VisionRecord | None:
+        T, P, _ = self.tile_tokens(self.config.vision_feature_select_strategy)
+        if n_visual % P:
+            return None
+        record = VisionRecord(tokens_per_tile=T, features_per_tile=P)
+        for i in range(n_visual // P):
+            lay = self._tile_layout(i, T, P)
+            lay.src = torch.full_like(lay.src, -2)  # candidates without a known vision-tower source
+            record.images.append(lay)
+        return record

@@ -1,0 +1,73 @@
+"""LLaVA-NeXT / LLaVA-1.6 (``LlavaNextForConditionalGeneration``): AnyRes tiles + ``image_newline``.
+
+Each image is the base tile (``image_size/patch`` squared tokens) followed by the unpadded AnyRes canvas,
+one ``image_newline`` token after every canvas row (a single-tile image gets one trailing newline).
+The layout is obtained by pushing tile/patch indices through the model's own ``pack_image_features``,
+so it follows transformers' permute / unpad code exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from vtprune.adapters.base import ImageLayout, VisionRecord
+from vtprune.adapters.llava import LlavaAdapter
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    def image_layouts(self, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
+        image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        strategy = self._strategy(kwargs)
+        T, P, _ = self.tile_tokens(strategy)
+        record.tokens_per_tile, record.features_per_tile = T, P
+        vc = self.config.vision_config
+        n_tiles = [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
+                                             patch_size=vc.image_size) for s in image_sizes]
+        index_feats, offset = [], 0
+        for n in n_tiles:  # (n_tiles, P, 1) float: global ViT-token row of every projector token
+            tiles = torch.arange(offset, offset + n)[:, None] * T + torch.arange(T - P, T)[None, :]
+            index_feats.append(tiles[..., None].double())
+            offset += n
+        packed, _ = self.vlm.pack_image_features(
+            index_feats, image_sizes, vision_feature_select_strategy=strategy,
+            image_newline=torch.tensor([-1.0], dtype=torch.float64),
+        )
+        side = self.grid_side
+        first = P - side * side  # 1 when the base tile's [CLS] is a projector token ("full" strategy)
+        for feats, n in zip(packed, n_tiles):
+            src = feats[:, 0].round().long()  # (n_i,), -1 = newline
+            record.images.append(self._layout(src, n, side, first))
+
+    @staticmethod
+    def _layout(src: torch.Tensor, n_tiles: int, side: int, first: int) -> ImageLayout:
+        n = src.numel()
+        grid = torch.full((n, 3), -1, dtype=torch.long)
+        line = torch.full((n,), -1, dtype=torch.long)
+        base = side * side + first  # projector tokens of the base tile
+        if first:  # "full" strategy: the base tile's [CLS] is a grid-less token
+            grid[0] = torch.tensor([-1, 0, 0])
+        grid[first:base, 0] = 0
+        grid[first:base, 1] = torch.arange(side * side) // side
+        grid[first:base, 2] = torch.arange(side * side) % side
+        if n_tiles == 1:  # base tile + one trailing newline: one "row" for the newline rule
+            line[:] = 0
+            return ImageLayout(src=src, grid=grid, line=line, frame=torch.zeros(n, dtype=torch.long))
+        canvas = torch.arange(base, n)
+        is_nl = src[canvas] == -1
+        row = torch.cumsum(is_nl.long(), 0) - is_nl.long()  # newline closes its own row
+        line[canvas] = row
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), (torch.nonzero(is_nl)[:, 0] + 1)])[row]
+        col = torch.arange(canvas.numel()) - starts
+        grid[canvas, 0] = 1
+        grid[canvas, 1] = row
+        grid[canvas, 2] = col  # newlines get column = row width (never read: they are not candidates)
+        return ImageLayout(src=src, grid=grid, line=line, frame=torch.zeros(n, dtype=torch.long))
+
+    def default_layouts(self, n_visual: int) -> VisionRecord | None:
+        return None  # the AnyRes layout needs image_sizes: pass pixel_values

@@ -1,0 +1,250 @@
+"""The public API: ``prune(model, method, ratio)`` and the handle that undoes it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn as nn
+
+from vtprune.adapters.base import Adapter
+from vtprune.adapters.engine import Engine, Step
+from vtprune.budget import POLICIES, Budget, check_keep, check_policy, check_ratio
+from vtprune.methods.base import Method, build
+from vtprune.patching import Patcher
+from vtprune.registry import ADAPTERS, METHODS
+from vtprune.types import PruneStats
+
+_HANDLE_ATTR = "_vtprune_handle"
+POSITIONS: tuple[str, ...] = ("original", "compact")
+_STAGE_ORDER = {"vision": 0, "input": 1}
+
+
+class PruneHandle:
+    """What :func:`prune` returns. ``remove()`` (or leaving a ``with`` block) restores the model exactly.
+
+    Attributes:
+        model: the pruned model.
+        steps: the resolved (method, budget, stage) steps, in the order they act.
+        adapter: the model-family adapter in use.
+    """
+
+    def __init__(self, model: nn.Module, steps: list[Step], adapter: Adapter, positions: str) -> None:
+        self.model = model
+        self.steps = steps
+        self.adapter = adapter
+        self.positions = positions
+        self._stats: list[PruneStats] = [PruneStats()]
+        self._patcher = Patcher()
+
+    @property
+    def stats(self) -> PruneStats:
+        """Statistics of the last prefill: visual tokens before/after per sample, per stage, timings."""
+        return self._stats[0]
+
+    @property
+    def methods(self) -> list[Method]:
+        return [s.method for s in self.steps]
+
+    @property
+    def active(self) -> bool:
+        return self.model.__dict__.get(_HANDLE_ATTR) is self
+
+    def remove(self) -> None:
+        """Undo every hook and swap, newest first. Idempotent."""
+        self._patcher.undo()
+
+    def __enter__(self) -> PruneHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record of the configuration (for result logs)."""
+        from vtprune import __version__
+
+        return {
+            "vtprune": __version__,
+            "model": self.adapter.family,
+            "positions": self.positions,
+            "steps": [
+                {"stage": s.label, "method": s.method.to_dict(),
+                 "budget": {"ratio": s.budget.ratio, "keep": s.budget.keep, "policy": s.budget.policy}}
+                for s in self.steps
+            ],
+        }
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        steps = ", ".join(f"{s.method.name}@{s.label} ({s.budget})" for s in self.steps)
+        return f"PruneHandle({self.adapter.family}: {steps}; {state})"
+
+
+def method(name: str, **kwargs: Any) -> Method:
+    """Build a validated method object, e.g. ``vtprune.method("fastv", layer=3, keep=64)``."""
+    return build(METHODS.get(name), kwargs)
+
+
+def list_methods() -> list[str]:
+    """Registry keys of every available method (aliases such as "divprune" also work)."""
+    return METHODS.names()
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The supported model families: their classes, stages and tested transformers versions."""
+    out = []
+    for name in ADAPTERS.names():
+        cls = ADAPTERS.get(name)
+        out.append({"family": name, "classes": list(cls.model_classes), "stages": sorted(cls.stages),
+                    "transformers": cls.tested_transformers})
+    return out
+
+
+def _resolve_adapter(model: nn.Module) -> Adapter:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune() needs a transformers model (nn.Module), got {type(model).__name__}")
+    for name in ADAPTERS.names():
+        cls = ADAPTERS.get(name)
+        if cls.matches(model):
+            return cls(model)
+    supported = [c for n in ADAPTERS.names() for c in ADAPTERS.get(n).model_classes]
+    raise ValueError(f"unsupported model {type(model).__name__}; vtprune supports: {', '.join(supported)}")
+
+
+def _resolve_methods(spec: Any, layer: Any, method_kwargs: dict[str, Any]) -> list[Method]:
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not specs:
+        raise ValueError("prune() needs at least one method")
+    if len(specs) > 1 and (layer is not None or method_kwargs):
+        raise ValueError(
+            "with several methods, pass per-method options through vtprune.method(name, ...) objects, "
+            f"not prune(layer=..., **kwargs) (got layer={layer!r}, kwargs={sorted(method_kwargs)})"
+        )
+    extra = dict(method_kwargs)
+    if layer is not None:
+        extra["layer"] = tuple(layer) if isinstance(layer, (list, tuple)) else layer
+    methods = []
+    for m in specs:
+        if isinstance(m, str):
+            methods.append(build(METHODS.get(m), extra))
+        elif isinstance(m, Method):
+            if extra:
+                allowed = {f.name for f in dataclasses.fields(m)}
+                bad = sorted(set(extra) - allowed)
+                if bad:
+                    raise ValueError(f"method {m.name!r} got unknown argument(s) {bad}; allowed: {sorted(allowed)}")
+                m = dataclasses.replace(m, **extra)
+            methods.append(m)
+        else:
+            raise TypeError(f"a method is a registry name or a vtprune.method(...) object, got {type(m).__name__}")
+    return methods
+
+
+def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
+    family, n_layers = adapter.family, adapter.num_layers
+    for k in m.layers:
+        if k >= n_layers:
+            raise ValueError(
+                f"method {m.name!r}: layer={k} is out of range; {family} has {n_layers} decoder layers "
+                f"(valid: {1 if m.scored_at_previous_layer else 0}..{n_layers - 1})"
+            )
+    stages = {"layer"} if m.layers and m.layers != (0,) else {m.stage}
+    missing_stage = stages - set(adapter.stages)
+    if missing_stage:
+        raise ValueError(f"{family} adapter cannot prune at the {missing_stage.pop()} stage needed by {m.name!r}")
+    missing = set(m.requires) - set(adapter.signals)
+    if missing:
+        raise ValueError(f"method {m.name!r} needs signal(s) {sorted(missing)} that the {family} adapter cannot supply")
+    if m.requires & {"cls_attention"} and not adapter.has_cls:
+        raise ValueError(
+            f"method {m.name!r} needs a [CLS] token, but {family}'s vision tower "
+            f"({adapter.config.vision_config.model_type}) has none"
+        )
+    if m.requires & {"cls_attention", "vit_keys"}:
+        adapter.vit_attention(getattr(m, "vit_layer", None))  # raises if vit_layer is out of range
+    if "text_attention" in m.requires and m.layers and min(m.layers) < 1:
+        raise ValueError(f"method {m.name!r} scores with layer K-1, so layer must be >= 1")
+    if m.layers and m.layers != (0,) and not m.layer_ok:
+        raise ValueError(f"method {m.name!r} cannot act inside the LLM")
+
+
+def prune(
+    model: nn.Module,
+    method: str | Method | Sequence[str | Method],
+    ratio: float | None = None,
+    *,
+    keep: int | None = None,
+    layer: int | Sequence[int] | None = None,
+    budget: str = "per_frame",
+    positions: str = "original",
+    replace: bool = False,
+    **method_kwargs: Any,
+) -> PruneHandle:
+    """Prune the visual tokens of ``model`` in place; returns a :class:`PruneHandle`.
+
+    Args:
+        model: a supported transformers VLM (see :func:`list_models`).
+        method: a registry name (see :func:`list_methods`), a ``vtprune.method(...)`` object, or a list of
+            them to compose (they act in stage order: vision, input, then increasing layers).
+        ratio: fraction of visual tokens REMOVED per span, in [0, 1).
+        keep: visual tokens kept per span (exclusive with ``ratio``). A method's own ``ratio``/``keep``
+            overrides these; each stage applies its budget to the tokens that reach it.
+        layer: for a single method, act at the input of decoder layer K (or several layers).
+        budget: "per_frame" (each image and video frame), "per_image" (a video pooled) or "global"
+            (all visual tokens of a sample).
+        positions: "original" keeps every kept token's position id; "compact" re-indexes them.
+        replace: remove an existing vtprune handle on this model first instead of raising.
+        **method_kwargs: the method's own options (e.g. ``seed=1`` for "random").
+    """
+    methods = _resolve_methods(method, layer, method_kwargs)
+    if ratio is not None and keep is not None:
+        raise ValueError(f"give ratio= or keep=, not both (got ratio={ratio!r}, keep={keep!r})")
+    if ratio is not None:
+        check_ratio(ratio)
+    if keep is not None:
+        check_keep(keep)
+    check_policy(budget)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(map(repr, POSITIONS))}")
+    adapter = _resolve_adapter(model)
+    impl = adapter.attn_implementation()
+    if impl.startswith("flex"):
+        raise ValueError(f"attn_implementation={impl!r} is not supported (its BlockMask cannot be cut); use sdpa, "
+                         "eager or flash_attention_2")
+    steps = []
+    for m in methods:
+        _check_supported(adapter, m, positions)
+        own = m.ratio is not None or m.keep is not None
+        r, k = (m.ratio, m.keep) if own else (ratio, keep)
+        if r is None and k is None:
+            raise ValueError(f"method {m.name!r} has no budget: give prune(..., ratio=...) or keep=...")
+        b = Budget(ratio=r, keep=k, policy=budget)
+        if not m.layers:
+            steps.append(Step(m, b, m.stage, None))
+        for K in m.layers:  # layer 0's input IS the LLM input: it runs with the pre-LLM steps
+            steps.append(Step(m, b, f"layer:{K}", K if K > 0 else None))
+    adapter.check(methods, positions)
+    steps.sort(key=lambda s: (1, s.layer) if s.layer is not None else (0, _STAGE_ORDER.get(s.label, 2)))
+
+    existing = model.__dict__.get(_HANDLE_ATTR)
+    if existing is not None:
+        if not replace:
+            raise RuntimeError(
+                "this model is already pruned by vtprune; call handle.remove() first or pass replace=True"
+            )
+        existing.remove()
+    handle = PruneHandle(model, steps, adapter, positions)
+    engine = Engine(adapter, steps, positions, handle._stats)
+    patcher = handle._patcher
+    patcher.set_attr(model, _HANDLE_ATTR, handle, what="vtprune: handle attribute")
+    try:
+        engine.install(patcher)
+    except BaseException:
+        patcher.undo()
+        raise
+    return handle
+
+
+__all__ = ["POLICIES", "POSITIONS", "PruneHandle", "list_methods", "list_models", "method", "prune"]

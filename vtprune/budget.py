@@ -1,0 +1,84 @@
+"""How many visual tokens survive: ``ratio`` xor ``keep``, applied per span.
+
+* ``ratio`` is the fraction of a span's visual tokens REMOVED, in [0, 1) (kvpress / tomesd convention);
+  the span keeps ``max(1, round((1 - ratio) * n))`` tokens (Python's round: half to even).
+* ``keep`` is an absolute count per span (papers quote "64 tokens"); a span with ``n <= keep`` is untouched.
+
+A *span* is the unit a budget applies to, chosen by the policy:
+
+* ``"per_frame"`` (default): every image is one span and every video frame is one span;
+* ``"per_image"``: every image is one span and a whole video is one span;
+* ``"global"``: all visual tokens of one sample (batch row) form one span, so images compete.
+
+Structural tokens are never candidates and never count: LLaVA-NeXT's ``image_newline`` tokens are kept
+exactly when their row of the AnyRes canvas keeps at least one token (see README, "AnyRes rule").
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal
+
+Policy = Literal["per_frame", "per_image", "global"]
+POLICIES: tuple[str, ...] = ("per_frame", "per_image", "global")
+
+
+def check_ratio(ratio: object, *, owner: str = "prune()") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(float(ratio)):
+        raise ValueError(f"{owner}: ratio must be a number in [0, 1), got {ratio!r}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(
+            f"{owner}: ratio={ratio!r} is outside [0, 1); ratio is the fraction of visual tokens REMOVED "
+            "(ratio=0.889 keeps 64 of 576). Use keep=K for an absolute count."
+        )
+    return float(ratio)
+
+
+def check_keep(keep: object, *, owner: str = "prune()") -> int:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or int(keep) < 1:
+        raise ValueError(f"{owner}: keep must be an integer >= 1 (visual tokens kept per span), got {keep!r}")
+    return int(keep)
+
+
+def check_policy(policy: object) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"budget={policy!r} is not a budget policy; allowed: {', '.join(map(repr, POLICIES))}")
+    return policy  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A resolved budget: exactly one of ``ratio`` / ``keep``, plus the span policy."""
+
+    ratio: float | None = None
+    keep: int | None = None
+    policy: str = "per_frame"
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError(
+                f"give exactly one of ratio= or keep= (got ratio={self.ratio!r}, keep={self.keep!r})"
+            )
+        if self.ratio is not None:
+            check_ratio(self.ratio)
+        if self.keep is not None:
+            check_keep(self.keep)
+        check_policy(self.policy)
+
+    def count(self, n: int) -> int:
+        """Tokens kept in a span of ``n`` candidate tokens."""
+        if n <= 0:
+            return 0
+        if self.keep is not None:
+            return min(self.keep, n)
+        return min(n, max(1, round((1.0 - self.ratio) * n)))  # type: ignore[operator]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.ratio == 0.0
+
+    def __str__(self) -> str:
+        amount = f"ratio={self.ratio:g}" if self.ratio is not None else f"keep={self.keep}"
+        return f"{amount}, {self.policy}"

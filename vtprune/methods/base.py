@@ -1,0 +1,158 @@
+"""Base classes of every pruner.
+
+A method is a frozen, validated dataclass: its fields are its hyper-parameters (with the official
+defaults), its class variables say where it can act and which signals it reads. ``select`` maps
+:class:`~vtprune.signals.Signals` of S spans to the kept candidate indices; it never touches a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vtprune.budget import check_keep, check_ratio
+from vtprune.signals import Signals
+from vtprune.types import SIGNALS, STAGES
+
+LayerSpec = int | tuple[int, ...] | None
+
+
+@dataclass
+class Selection:
+    """What :meth:`Method.select` may return instead of a bare index tensor: the kept candidates and,
+    for merging methods, the representation each kept token carries on (at the method's stage)."""
+
+    index: torch.Tensor  # (S, k) candidate indices
+    values: torch.Tensor | None = None  # (S, k, D) replacement token representations, or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """A visual-token pruner.
+
+    Common fields (every method has them):
+        ratio: fraction of visual tokens removed at this method's stage; overrides ``prune(ratio=)``.
+        keep: absolute tokens kept per span at this method's stage; overrides ``prune(keep=)``.
+        layer: None to act before the LLM (at the method's natural stage); K to act at the input of
+            decoder layer K during prefill; a tuple of layers for a progressive schedule (the budget
+            applies at each layer to the tokens that reach it).
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = "input"  # the natural stage when ``layer`` is None
+    layer_ok: ClassVar[bool] = True  # may act at a decoder layer
+    pre_llm_ok: ClassVar[bool] = True  # may act before the LLM
+    requires: ClassVar[frozenset[str]] = frozenset()
+    scored_at_previous_layer: ClassVar[bool] = False  # reads layer K-1, so K >= 1
+    version: ClassVar[int] = 1
+
+    ratio: float | None = None
+    keep: int | None = None
+    layer: LayerSpec = None
+
+    def __post_init__(self) -> None:
+        owner = f"method {self.name!r}"
+        if self.ratio is not None and self.keep is not None:
+            raise ValueError(f"{owner}: give ratio= or keep=, not both (got ratio={self.ratio}, keep={self.keep})")
+        if self.ratio is not None:
+            check_ratio(self.ratio, owner=owner)
+        if self.keep is not None:
+            check_keep(self.keep, owner=owner)
+        layers = self.layers
+        if isinstance(self.layer, list):  # from JSON
+            object.__setattr__(self, "layer", tuple(self.layer))
+        for k in layers:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"{owner}: layer must be a decoder-layer index >= 0, got {self.layer!r}")
+            if self.scored_at_previous_layer and k < 1:
+                raise ValueError(f"{owner}: layer={k} is invalid; it scores with layer K-1, so layer must be >= 1")
+        if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
+            raise ValueError(f"{owner}: layers must be strictly increasing, got {self.layer!r}")
+        if layers and not self.layer_ok:
+            raise ValueError(f"{owner} cannot act inside the LLM (layer={self.layer!r}); it acts at the {self.stage} stage")
+        if not layers and not self.pre_llm_ok:
+            raise ValueError(f"{owner} acts inside the LLM: give layer=K")
+        unknown = set(self.requires) - set(SIGNALS)
+        assert not unknown, f"{type(self).__name__}.requires names unknown signals {unknown}"
+        assert self.stage in STAGES
+        self.validate()
+
+    # --------------------------------------------------------------- subclass API
+    def validate(self) -> None:
+        """Check method-specific fields; raise ValueError naming the bad value."""
+
+    def select(self, sig: Signals, k: int) -> torch.Tensor | Selection:
+        """Return (S, k) indices of the kept candidates of each span (any order, no duplicates), or a
+        :class:`Selection` that also carries merged representations."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- plumbing
+    @property
+    def layers(self) -> tuple[int, ...]:
+        if self.layer is None:
+            return ()
+        return tuple(self.layer) if isinstance(self.layer, (tuple, list)) else (self.layer,)
+
+    def stage_labels(self) -> list[str]:
+        return [f"layer:{k}" for k in self.layers] or [self.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, e.g. ``{"method": "fastv", "version": 1, "layer": 2, ...}``."""
+        out: dict[str, Any] = {"method": self.name, "version": self.version}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Method:
+        from vtprune.registry import METHODS
+
+        data = dict(data)
+        name = data.pop("method", cls.name or None)
+        version = data.pop("version", None)
+        target = METHODS.get(name) if cls is Method else cls
+        if version is not None and version > target.version:
+            raise ValueError(f"{name!r} was saved by a newer vtprune (version {version} > {target.version})")
+        return build(target, data)
+
+    def __str__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k not in ("method", "version"))
+        return f"{self.name}({fields})"
+
+
+def build(cls: type[Method], kwargs: dict[str, Any]) -> Method:
+    """``cls(**kwargs)`` with an error naming the unknown argument and the allowed ones."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise ValueError(
+            f"method {cls.name!r} got unknown argument(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreMethod(Method):
+    """Keeps the k highest-scoring candidates; subclasses define :meth:`score`."""
+
+    def score(self, sig: Signals) -> torch.Tensor:
+        """(S, N) scores, higher = keep."""
+        raise NotImplementedError
+
+    def select(self, sig: Signals, k: int) -> torch.Tensor:
+        return topk_stable(self.score(sig), k, owner=self.name)
+
+
+def topk_stable(scores: torch.Tensor, k: int, *, owner: str = "") -> torch.Tensor:
+    """Indices of the k largest scores per row; ties go to the earlier token, so the choice does not
+    depend on the batch a row is in. Non-finite scores raise instead of selecting arbitrarily."""
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).sum().item()
+        raise FloatingPointError(f"method {owner!r} produced {bad} non-finite score(s); refusing to select")
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices  # (S, N)
+    return order[..., :k]

@@ -1,0 +1,74 @@
+"""The Patcher: the only way vtprune changes a model, and the record that undoes it.
+
+Every hook, attribute swap or wrapped method goes through a :class:`Patcher`, which keeps an undo
+callable per change and replays them last-in-first-out. ``undo()`` is idempotent, so a handle can be
+removed twice, or from ``__exit__`` after an exception, without harm.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+_MISSING = object()
+
+
+class Patcher:
+    """Records every change made to a model so that :meth:`undo` restores it exactly."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    @property
+    def active(self) -> list[str]:
+        """Human-readable descriptions of the changes currently installed, oldest first."""
+        return [what for what, _ in self._undo]
+
+    def __len__(self) -> int:
+        return len(self._undo)
+
+    def pre_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "") -> None:
+        """``module.register_forward_pre_hook(fn, with_kwargs=True)``, undone by removing the hook."""
+        handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+        self._undo.append((what or f"pre-hook on {type(module).__name__}", handle.remove))
+
+    def post_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "") -> None:
+        """``module.register_forward_hook(fn, with_kwargs=True)``, undone by removing the hook."""
+        handle = module.register_forward_hook(fn, with_kwargs=True)
+        self._undo.append((what or f"hook on {type(module).__name__}", handle.remove))
+
+    def set_attr(self, obj: object, name: str, value: object, *, what: str = "") -> None:
+        """Set ``obj.name = value``; undo restores the previous instance attribute or deletes it."""
+        old = obj.__dict__.get(name, _MISSING)
+        # nn.Module.__setattr__ would register Modules/Parameters; bypass it so the swap stays a plain
+        # attribute and the undo is exact.
+        object.__setattr__(obj, name, value)
+
+        def restore() -> None:
+            if old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                object.__setattr__(obj, name, old)
+
+        self._undo.append((what or f"attribute {type(obj).__name__}.{name}", restore))
+
+    def wrap_method(
+        self, obj: object, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]], *, what: str = ""
+    ) -> None:
+        """Replace the bound method ``obj.name`` by ``wrapper(original)`` on this instance only.
+
+        The replacement carries the original's signature (``functools.wraps``): transformers' ``generate``
+        inspects ``get_image_features``' parameters to decide which kwargs to pop.
+        """
+        original = getattr(obj, name)
+        patched = functools.wraps(original)(wrapper(original))
+        self.set_attr(obj, name, patched, what=what or f"method {type(obj).__name__}.{name}")
+
+    def undo(self) -> None:
+        """Undo every recorded change, newest first. Safe to call more than once."""
+        while self._undo:
+            _, restore = self._undo.pop()
+            restore()

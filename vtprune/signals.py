@@ -1,0 +1,157 @@
+"""Typed, lazily computed inputs of one selection call.
+
+A method sees S spans (images, frames or samples, by the budget policy) of N candidate tokens each and
+asks for the signals it needs; each is computed on first access (and shared by every span group of the
+same forward), so a method that reads only ``tokens`` costs only a gather. Outside a model, build one
+with :meth:`Signals.from_tensors` to run any method on plain tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any, Protocol
+
+import torch
+
+
+class SignalSource(Protocol):
+    """What a model adapter provides behind a :class:`Signals` view (see ``adapters/engine.py``)."""
+
+    def signal(self, name: str, sig: Signals, **kw: Any) -> Any: ...
+
+
+class Signals:
+    """Signals of S spans with N candidates each. Every tensor property is indexed ``(S, N, ...)``.
+
+    Attributes:
+        stage: ``"vision"``, ``"input"`` or ``"layer"``.
+        layer: the decoder layer K for the layer stage, else None.
+        rows: (S,) batch row of each span.
+        positions: (S, N) positions of the candidates in the current sequence.
+        ordinals: (S,) index of each span among the spans of its sample (stable under batching).
+    """
+
+    def __init__(
+        self,
+        source: SignalSource | None,
+        *,
+        stage: str,
+        layer: int | None,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        ordinals: torch.Tensor,
+        given: dict[str, Any] | None = None,
+    ) -> None:
+        self._source = source
+        self.stage = stage
+        self.layer = layer
+        self.rows = rows  # (S,)
+        self.positions = positions  # (S, N)
+        self.ordinals = ordinals  # (S,)
+        self._given = dict(given or {})
+
+    @classmethod
+    def from_tensors(cls, *, stage: str = "input", layer: int | None = None, **signals: Any) -> Signals:
+        """Signals over plain tensors, for running a method without a model.
+
+        Example::
+
+            sig = Signals.from_tensors(tokens=torch.randn(2, 576, 4096))
+            keep = vtprune.method("kcenter").select(sig, k=64)      # (2, 64)
+        """
+        first = next((v for v in signals.values() if torch.is_tensor(v) and v.dim() >= 2), None)
+        if first is None:
+            raise ValueError("from_tensors needs at least one (S, N, ...) tensor signal, e.g. tokens=")
+        S, N = first.shape[:2]
+        return cls(
+            None,
+            stage=stage,
+            layer=layer,
+            rows=torch.arange(S, device=first.device),
+            positions=torch.arange(N, device=first.device).expand(S, N),
+            ordinals=torch.zeros(S, dtype=torch.long, device=first.device),
+            given=signals,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def num_spans(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def _get(self, name: str, **kw: Any) -> Any:
+        key = name if not kw else (name, tuple(sorted(kw.items())))
+        if key in self._given:
+            return self._given[key]
+        if name in self._given:  # a plain tensor given to from_tensors serves every option
+            return self._given[name]
+        if self._source is None:
+            raise KeyError(f"signal {name!r} was not given to Signals.from_tensors(...)")
+        value = self._source.signal(name, self, **kw)
+        self._given[key] = value
+        return value
+
+    # ------------------------------------------------------------------ signals
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        """(S, N, D) the sequence representation where the method acts (LLM input or layer-K input)."""
+        return self._get("tokens")
+
+    @cached_property
+    def projected(self) -> torch.Tensor:
+        """(S, N, D) projector outputs, i.e. the LLM input embeddings of the candidates."""
+        return self._get("projected")
+
+    @cached_property
+    def vit_features(self) -> torch.Tensor:
+        """(S, N, Dv) vision features fed to the projector."""
+        return self._get("vit_features")
+
+    def vit_keys(self, vit_layer: int | None = None) -> torch.Tensor:
+        """(S, N, Dv) keys (all heads concatenated) of a ViT layer at each candidate's patch.
+        ``vit_layer`` is a hidden-states index as in ``vision_feature_layer`` (None: the model's)."""
+        return self._get("vit_keys", vit_layer=vit_layer)
+
+    def cls_attention(self, vit_layer: int | None = None) -> torch.Tensor:
+        """(S, N) attention of the [CLS] query to each candidate's patch, head mean, in the ViT layer
+        producing hidden state ``vit_layer`` (None: the layer the model takes its features from).
+        Recomputed from that layer's q/k, so the ViT stays on sdpa."""
+        return self._get("cls_attention", vit_layer=vit_layer)
+
+    @cached_property
+    def instruction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S, T, D) embeddings, (S, T) bool mask) of the text tokens after the sample's visual tokens."""
+        return self._get("instruction")
+
+    def text_attention(self, query: str = "last", *, per_head: bool = False) -> torch.Tensor:
+        """Attention of text queries to each candidate at decoder layer K-1, from that layer's q/k.
+
+        ``query="last"``: the last prompt token (FastV); ``"instruction"``: mean over the text tokens
+        after the visual tokens. Returns (S, N), or (S, H, N) with ``per_head=True``. Never builds the
+        full L x L map: only the query rows are computed.
+        """
+        return self._get("text_attention", query=query, per_head=per_head)
+
+    @cached_property
+    def hidden_prev(self) -> torch.Tensor:
+        """(S, N, D) input of decoder layer K-1 at each candidate (layer stage only)."""
+        return self._get("hidden_prev")
+
+    @cached_property
+    def projector(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The model's projector: (..., Dv) vision features -> (..., D) LLM embeddings."""
+        return self._get("projector")
+
+    @cached_property
+    def grid(self) -> torch.Tensor:
+        """(S, N, 3) long: (group, row, col) of each candidate. Groups are a span's separate grids:
+        LLaVA-NeXT's base tile (0) and AnyRes canvas (1), or a video's frames."""
+        return self._get("grid")
