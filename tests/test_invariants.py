@@ -259,3 +259,15 @@ def test_sdpa_matches_eager(family, case: MethodCase):
         real = inputs["attention_mask"][b, pos].bool()
         rows = [o[b, o.shape[1] - pos.numel():][real] for o in outs]
         torch.testing.assert_close(rows[0], rows[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", MODELS, indirect=True)
+def test_beam_search_and_multiple_returns(model):
+    """generate() repeats encoded images per beam after encoding them; each copy keeps its own layout."""
+    batch = make_inputs(model, ROWS, padding="left")
+    with vtprune.prune(model, "cls_attention", keep=6) as handle:
+        beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
+        assert handle.stats.visual_after[::2] == handle.stats.visual_after[1::2]  # beams of one sample agree
+        for b, row in enumerate(ROWS):
+            single = model.generate(**make_inputs(model, [row]), max_new_tokens=3, num_beams=2, do_sample=False)
+            assert torch.equal(beams[b, -3:], single[0, -3:])

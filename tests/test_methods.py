@@ -296,3 +296,56 @@ def test_registering_a_method_is_one_class(monkeypatch):
     kept = h.stats.kept_positions[0]
     assert torch.equal(kept[torch.isin(kept, img)], img[-3:])
     assert dataclasses.asdict(Last(keep=3))["keep"] == 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalProbe(Method):
+    """Records every other signal (keeps the first k)."""
+
+    name: ClassVar[str] = "signal_probe"
+    requires: ClassVar[frozenset[str]] = frozenset({"tokens", "projected", "vit_features", "vit_keys",
+                                                    "instruction", "hidden_prev", "projector", "grid"})
+    seen: ClassVar[dict] = {}
+
+    def select(self, sig, k):
+        got = {"rows": sig.rows, "positions": sig.positions, "tokens": sig.tokens, "projected": sig.projected,
+               "vit_features": sig.vit_features, "vit_keys": sig.vit_keys(), "instruction": sig.instruction,
+               "projector": sig.projector, "grid": sig.grid}
+        if sig.layer is not None:
+            got["hidden_prev"] = sig.hidden_prev
+        SignalProbe.seen[sig.layer] = got
+        return torch.arange(k).expand(sig.num_spans, k)
+
+
+def test_every_signal_matches_an_independent_computation():
+    model = _model("llava")
+    inputs = make_inputs(model, ROWS)
+    SignalProbe.seen.clear()
+    with vtprune.prune(model, [SignalProbe(), SignalProbe(layer=2)], keep=100):  # keep all: unpruned states
+        with torch.no_grad():
+            model(**inputs)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        vit = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    for layer, got in SignalProbe.seen.items():
+        rows, pos = got["rows"], got["positions"]
+        if layer is None:
+            # projected == tokens == the LLM input rows; the projector maps vit_features onto them
+            ref = out.hidden_states[0][rows[:, None], pos]
+            torch.testing.assert_close(got["tokens"], ref)
+            torch.testing.assert_close(got["projected"], ref)
+            torch.testing.assert_close(got["projector"](got["vit_features"]), ref, atol=1e-6, rtol=1e-5)
+            # keys of the feature layer (CLIP layer producing hidden state -2) at each token's patch
+            attn_layer = model.model.vision_tower.encoder.layers[-2]
+            keys = attn_layer.self_attn.k_proj(attn_layer.layer_norm1(vit[-3]))[:, 1:]  # (images, P, Dv)
+            torch.testing.assert_close(got["vit_keys"], keys, atol=1e-6, rtol=1e-5)
+            assert got["grid"][0, :5].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 1, 0]]
+        else:
+            torch.testing.assert_close(got["tokens"], out.hidden_states[layer][rows[:, None], pos])
+            torch.testing.assert_close(got["hidden_prev"], out.hidden_states[layer - 1][rows[:, None], pos])
+        emb, mask = got["instruction"]
+        for s, b in enumerate(rows.tolist()):
+            after = (ids[b] == IMAGE).nonzero().max() + 1
+            torch.testing.assert_close(emb[s][mask[s]], embeds[b, after:])
