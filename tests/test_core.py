@@ -74,7 +74,7 @@ def test_llava_next_layout_matches_the_real_newlines():
         with torch.no_grad():
             out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
         record = VisionRecord()
-        adapter.image_layouts((inputs["pixel_values"], inputs["image_sizes"]), {}, out, record)
+        adapter.image_layouts("image", (inputs["pixel_values"], inputs["image_sizes"]), {}, out, record)
         feats = out.pooler_output[0]
         lay = record.images[0]
         is_nl = (feats == model.model.image_newline).all(-1)

@@ -44,13 +44,17 @@ class ImageLayout:
 
 @dataclass
 class VisionRecord:
-    """What one ``get_image_features`` call produced: per-image layouts and captured ViT tensors."""
+    """What one ``get_image_features`` / ``get_video_features`` call produced: per-image layouts (``src``
+    indexes this record's ViT token rows) and the vision-tower tensors captured during the call."""
 
+    modality: str = "image"
     images: list[ImageLayout] = field(default_factory=list)
-    tokens_per_tile: int = 0  # ViT sequence length per tile, CLS included
+    n_vit: int = 0  # ViT token rows of this call (all tiles / frames), the range of ``src``
+    tokens_per_tile: int = 0  # ViT sequence length per tile, CLS included (LLaVA-style towers)
     features_per_tile: int = 0  # tokens per tile fed to the projector (CLS dropped by "default")
     stash: dict[str, Any] = field(default_factory=dict)
     features: list[Any] = field(default_factory=list)  # the per-image feature tensors returned (identity)
+    meta: dict[str, Any] = field(default_factory=dict)  # adapter-specific (e.g. Qwen2.5-VL window order)
 
 
 class Adapter:
@@ -58,6 +62,10 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    # modality -> (feature method on the VLM, config attribute of its placeholder token id)
+    modalities: ClassVar[dict[str, tuple[str, str]]] = {"image": ("get_image_features", "image_token_id")}
+    # the VLM derives decode positions from the cache length when given none (Qwen's rope_deltas)
+    derives_decode_positions: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset({"vision", "input", "layer"})
     signals: ClassVar[frozenset[str]] = frozenset()
     has_cls: ClassVar[bool] = False
@@ -98,17 +106,23 @@ class Adapter:
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
+    def token_id(self, modality: str) -> int:
+        return getattr(self.config, self.modalities[modality][1])
+
     def attn_implementation(self) -> str:
         return str(getattr(self.language_model.config, "_attn_implementation", "sdpa"))
 
-    def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, L) bool: positions of visual placeholder tokens, computed before features are scattered."""
-        if input_ids is not None:
-            return input_ids == self.image_token_id
-        if inputs_embeds is not None:  # the same rule transformers' get_placeholder_mask uses
-            emb = self.vlm.get_input_embeddings()(torch.tensor(self.image_token_id, device=inputs_embeds.device))
-            return (inputs_embeds == emb).all(-1)
-        return None
+    def visual_masks(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """modality -> (B, L) bool placeholder positions, computed before features are scattered."""
+        out = {}
+        for modality in self.modalities:
+            tid = self.token_id(modality)
+            if input_ids is not None:
+                out[modality] = input_ids == tid
+            elif inputs_embeds is not None:  # the same rule transformers' get_placeholder_mask uses
+                emb = self.vlm.get_input_embeddings()(torch.tensor(tid, device=inputs_embeds.device))
+                out[modality] = (inputs_embeds == emb).all(-1)
+        return out
 
     # ------------------------------------------------------------------ vision tower
     def vit_layers(self) -> nn.ModuleList:
@@ -139,14 +153,32 @@ class Adapter:
         """(n_tiles, T, Dv) keys of a ViT attention layer from its normed input x."""
         return attn.k_proj(x)
 
+    def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor) -> torch.Tensor:
+        """(..., Dfeat) projector inputs of the LLM tokens whose ViT source rows are ``src`` (...)."""
+        feats = record.stash["features"]  # (n_tiles, P, Dv)
+        T, P = record.tokens_per_tile, record.features_per_tile
+        rows = (src // T) * P + (src % T) - (T - P)  # projector-input row of each ViT token
+        return feats.reshape(-1, feats.shape[-1])[rows.to(feats.device)]
+
+    def projector_fn(self) -> Any:
+        """The projector as a callable on (..., Dfeat) vision features (see ``vit_feature_rows``)."""
+        return self.projector
+
     # ------------------------------------------------------------------ layout
-    def image_layouts(self, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
-        """Fill ``record`` from one ``get_image_features`` call (its arguments and output)."""
+    def image_layouts(self, modality: str, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
+        """Fill ``record`` from one feature call of ``modality`` (its arguments and output)."""
         raise NotImplementedError
 
-    def default_layouts(self, n_visual: int) -> VisionRecord | None:
-        """A layout when no ``get_image_features`` call was seen (features passed in precomputed)."""
+    def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
+        """A layout when no feature call was seen (features passed in precomputed)."""
         return None
+
+    def extra_lm_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        """Sequence-aligned LLM kwargs to cut beyond embeddings / mask / positions (e.g. DeepStack)."""
+        return {}
+
+    def install_extra(self, engine: Any, patcher: Any) -> None:
+        """Family-specific hooks beyond the shared ones (e.g. Qwen3-VL's DeepStack injection)."""
 
     # ------------------------------------------------------------------ extension points
     def check(self, methods: list, positions: str) -> None:

@@ -70,7 +70,7 @@ class Forward:
     """State of one prefill: the original sequence, captured signals and the current index maps."""
 
     layout: Layout
-    record: VisionRecord | None
+    records: list[VisionRecord]  # in layout order; ``layout.src`` indexes their concatenated ViT rows
     embeds: torch.Tensor  # (B, L, D) LLM input embeddings, original coordinates (overrides written here)
     projected: torch.Tensor  # (B, L, D) the same, never overridden
     mask0: torch.Tensor  # (B, L) long 2-D attention mask of the original sequence
@@ -196,7 +196,8 @@ class Engine:
         self._input_ids: torch.Tensor | None = None
         self._embeds_in: torch.Tensor | None = None
         self._pending: VisionRecord | None = None
-        self._vision: VisionRecord | None = None
+        self._vision: dict[str, VisionRecord] = {}  # modality -> the last feature call's record
+        self._vlm_gave_positions = True
         self._fwd: Forward | None = None
         self._gen: Generation | None = None
         self._phase: str | None = None
@@ -206,7 +207,8 @@ class Engine:
     def install(self, patcher: Any) -> None:
         a = self.adapter
         vlm, lm = a.vlm, a.language_model
-        patcher.wrap_method(vlm, "get_image_features", self._wrap_image_features)
+        for modality, (fn_name, _) in a.modalities.items():
+            patcher.wrap_method(vlm, fn_name, self._wrap_features(modality))
         patcher.pre_hook(vlm, self._on_vlm, what="vtprune: read input_ids")
         patcher.pre_hook(lm, self._on_lm, what="vtprune: prune the LLM input")
         patcher.post_hook(lm, self._after_lm, what="vtprune: finish prefill")
@@ -230,23 +232,27 @@ class Engine:
                 if "hidden_prev" in req:
                     patcher.pre_hook(layers[K - 1], self._capture_hidden(K - 1),
                                      what=f"vtprune: capture layer {K - 1} input")
+        a.install_extra(self, patcher)
 
     # ================================================================== capture hooks
-    def _wrap_image_features(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def get_image_features(*args: Any, **kwargs: Any) -> Any:
-            record = VisionRecord()
-            self._pending = record
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self._pending = None
-            self.adapter.image_layouts(args, kwargs, out, record)
-            pooled = getattr(out, "pooler_output", None)
-            record.features = list(pooled) if isinstance(pooled, (list, tuple)) else []
-            self._vision = record
-            return out
+    def _wrap_features(self, modality: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+            def get_features(*args: Any, **kwargs: Any) -> Any:
+                record = VisionRecord(modality=modality)
+                self._pending = record
+                try:
+                    out = original(*args, **kwargs)
+                finally:
+                    self._pending = None
+                self.adapter.image_layouts(modality, args, kwargs, out, record)
+                pooled = getattr(out, "pooler_output", None)
+                record.features = list(pooled) if isinstance(pooled, (list, tuple)) else []
+                self._vision[modality] = record
+                return out
 
-        return get_image_features
+            return get_features
+
+        return wrap
 
     def _capture_vit(self, h: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -283,9 +289,11 @@ class Engine:
     def _on_vlm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._embeds_in = kwargs.get("inputs_embeds")
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        record = self._vision
-        if encoded is not None and record is not None and record.features:
+        self._vlm_gave_positions = kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None
+        for modality, record in self._vision.items():
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality)
+            if encoded is None or not record.features:
+                continue
             # generate() may repeat images for beams / num_return_sequences after encoding them; follow it
             # by tensor identity so each placeholder run keeps its own image's layout.
             pooled = getattr(encoded, "pooler_output", None)
@@ -306,56 +314,62 @@ class Engine:
                 return self._prefill(args, kwargs)
         return self._decode(kwargs, past)
 
-    def _layout(self, visual: torch.Tensor) -> tuple[Layout, VisionRecord | None]:
-        B, L = visual.shape
-        record, self._vision = self._vision, None
-        n_visual = int(visual.sum())
-        if record is None or not record.images:
-            record = self.adapter.default_layouts(n_visual)
-            if record is None:
-                raise RuntimeError(
-                    f"{self.adapter.family}: vtprune saw {n_visual} visual tokens but no get_image_features "
-                    "call; pass pixel_values so the image layout is known"
-                )
-        n_feat = sum(im.num_tokens for im in record.images)
-        if n_feat != n_visual:
-            raise ValueError(
-                f"image placeholders and features do not match: {n_visual} placeholder tokens, {n_feat} features"
-            )
-        dev = visual.device
-        cat = lambda xs: torch.cat(xs).to(dev)  # noqa: E731
-        src = cat([im.src for im in record.images])
-        grid = cat([im.grid for im in record.images])
-        frame = cat([im.frame for im in record.images])
-        image = cat([torch.full((im.num_tokens,), i) for i, im in enumerate(record.images)])
-        line_parts, offset = [], 0
-        for im in record.images:  # make canvas-row ids unique across images
-            line_parts.append(torch.where(im.line >= 0, im.line + offset, im.line))
-            offset += int(im.line.max()) + 1 if im.line.numel() and im.line.max() >= 0 else 0
-        line = cat(line_parts)
-
-        def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
-            out = torch.full((B, L, *values.shape[1:]), fill, dtype=torch.long, device=dev)
-            out[visual] = values.long()
-            return out
-
-        layout = Layout(
-            visual=visual,
-            cand=visual & scatter(src, -1).ne(-1),  # src -1 marks structural tokens
-            image=scatter(image, -1),
-            frame=scatter(frame, 0),
-            src=scatter(src, -1),
-            grid=scatter(grid, -1),
-            line=scatter(line, -1),
-        )
-        return layout, record
+    def _layout(self, masks: dict[str, torch.Tensor]) -> tuple[Layout, list[VisionRecord]]:
+        """Assign every placeholder its image, frame, grid cell and ViT source, modality by modality, in
+        the row-major order ``masked_scatter`` fills them."""
+        vision, self._vision = self._vision, {}
+        first = next(iter(masks.values()))
+        B, L = first.shape
+        dev = first.device
+        visual = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        fields = {k: torch.full((B, L), -1, dtype=torch.long, device=dev) for k in ("image", "src", "line")}
+        fields["frame"] = torch.zeros(B, L, dtype=torch.long, device=dev)
+        grid = torch.full((B, L, 3), -1, dtype=torch.long, device=dev)
+        records: list[VisionRecord] = []
+        n_images = vit_offset = line_offset = 0
+        for modality, mask in masks.items():
+            n_visual = int(mask.sum())
+            if n_visual == 0:
+                continue
+            record = vision.get(modality)
+            if record is None or not record.images:
+                record = self.adapter.default_layouts(modality, n_visual)
+                if record is None:
+                    raise RuntimeError(
+                        f"{self.adapter.family}: vtprune saw {n_visual} {modality} tokens but no "
+                        f"{self.adapter.modalities[modality][0]} call; pass the pixel values so the layout is known"
+                    )
+            n_feat = sum(im.num_tokens for im in record.images)
+            if n_feat != n_visual:
+                raise ValueError(f"{modality} placeholders and features do not match: {n_visual} placeholder "
+                                 f"tokens, {n_feat} features")
+            cat = lambda xs: torch.cat(xs).to(dev)  # noqa: E731
+            src = cat([im.src for im in record.images])
+            fields["src"][mask] = torch.where(src >= 0, src + vit_offset, src)  # -1 structural, -2 unknown
+            fields["image"][mask] = cat([torch.full((im.num_tokens,), n_images + i)
+                                         for i, im in enumerate(record.images)])
+            fields["frame"][mask] = cat([im.frame for im in record.images])
+            grid[mask] = cat([im.grid for im in record.images])
+            lines = []
+            for im in record.images:  # make canvas-row ids unique across images
+                lines.append(torch.where(im.line >= 0, im.line + line_offset, im.line))
+                line_offset += int(im.line.max()) + 1 if im.line.numel() and im.line.max() >= 0 else 0
+            fields["line"][mask] = cat(lines)
+            visual |= mask
+            n_images += len(record.images)
+            vit_offset += record.n_vit
+            records.append(record)
+        layout = Layout(visual=visual, cand=visual & fields["src"].ne(-1), image=fields["image"],
+                        frame=fields["frame"], src=fields["src"], grid=grid, line=fields["line"])
+        return layout, records
 
     def _prefill(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._fwd, self._gen, self._phase = None, None, "prefill"
         embeds = kwargs.get("inputs_embeds")
-        visual = self.adapter.visual_mask(self._input_ids, self._embeds_in) if embeds is not None else None
-        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
-            self._vision = None
+        masks = self.adapter.visual_masks(self._input_ids, self._embeds_in) if embeds is not None else {}
+        if not masks or any(m.shape != embeds.shape[:2] for m in masks.values()) or not any(
+                bool(m.any()) for m in masks.values()):
+            self._vision = {}
             self._phase = None  # a prompt with no image passes through untouched
             self._set_stats(PruneStats())
             return None
@@ -364,9 +378,10 @@ class Engine:
         if mask is not None and mask.dim() != 2:
             raise NotImplementedError("vtprune needs a 2-D attention_mask (or None); got a custom 4-D mask")
         mask0 = mask.long() if mask is not None else torch.ones(B, L, dtype=torch.long, device=embeds.device)
-        layout, record = self._layout(visual)
+        layout, records = self._layout(masks)
+        visual = layout.visual
         ident = torch.arange(L, device=embeds.device).expand(B, L)
-        fwd = Forward(layout=layout, record=record, embeds=embeds, projected=embeds, mask0=mask0,
+        fwd = Forward(layout=layout, records=records, embeds=embeds, projected=embeds, mask0=mask0,
                       base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
         self._fwd = fwd
         stats = PruneStats(visual_before=visual.sum(1).tolist())
@@ -391,7 +406,7 @@ class Engine:
             new["inputs_embeds"] = _take(fwd.embeds, index)
             new["attention_mask"] = fwd.base_mask if mask is None else fwd.base_mask.to(mask.dtype)
             new["position_ids"] = take_positions(pos, index)
-            new.update(self.adapter_extra_inputs(kwargs, index, cur.valid))
+            new.update(self.adapter.extra_lm_inputs(kwargs, index, cur.valid))
         if self.positions == "compact" and base_pruned:
             new["position_ids"], pos_shift = compact_positions(new["position_ids"], fwd.base_mask.bool())
         self._gen = Generation(
@@ -402,10 +417,6 @@ class Engine:
             return None
         kwargs = {**kwargs, **new}
         return args, kwargs
-
-    def adapter_extra_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
-        """Sequence-aligned LLM kwargs beyond embeddings/mask/positions (none for LLaVA)."""
-        return {}
 
     def _decode(self, kwargs: dict, past: Any) -> tuple[tuple, dict] | None:
         gen = self._gen
@@ -434,6 +445,10 @@ class Engine:
         if pos is None:  # what the unpruned model would use: continue after the ORIGINAL length
             start = past.get_seq_length() + gen.orig_len - gen.base_len
             pos = (torch.arange(q, device=embeds.device) + start).expand(embeds.shape[0], q)
+            new["position_ids"] = pos
+        elif self.adapter.derives_decode_positions and not self._vlm_gave_positions:
+            # the VLM counted from the (pruned) cache length: shift to the ORIGINAL length
+            pos = pos + (gen.orig_len - gen.base_len)
             new["position_ids"] = pos
         if gen.pos_shift is not None:
             shift = gen.pos_shift[:, None] if pos.dim() == 2 else gen.pos_shift[None, :, None]
@@ -742,9 +757,6 @@ class _StageView:
     def _sig_grid(self, sig: Signals) -> torch.Tensor:
         return self.fwd.layout.grid[sig.rows[:, None], self._orig_of(sig)]
 
-    def _sig_projector(self, sig: Signals) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.adapter.projector
-
     def _sig_instruction(self, sig: Signals) -> tuple[torch.Tensor, torch.Tensor]:
         fwd = self.fwd
         key = "instruction"
@@ -832,36 +844,47 @@ class _StageView:
     def _vit_rows(self, sig: Signals) -> torch.Tensor:
         src = self.fwd.layout.src[sig.rows[:, None], self._orig_of(sig)]  # (S, N)
         if bool((src < 0).any()):
-            raise RuntimeError("vision-tower signals are unavailable for these tokens (no get_image_features call seen)")
+            raise RuntimeError("vision-tower signals are unavailable for these tokens (no feature call seen)")
         return src
 
-    def _vit_tensor(self, key: Any) -> torch.Tensor:
-        record = self.fwd.record
-        if record is None or key not in record.stash:
-            raise RuntimeError(f"vision-tower signal {key!r} was not captured; was get_image_features called?")
+    def _per_record(self, key: Any, fn: Callable[[VisionRecord], torch.Tensor]) -> torch.Tensor:
+        """Concatenate a per-ViT-row signal over the forward's records (cached per forward)."""
+        if key not in self.fwd.cache:
+            parts = []
+            for record in self.fwd.records:
+                parts.append(fn(record).reshape(record.n_vit, -1))
+            self.fwd.cache[key] = torch.cat(parts)
+        return self.fwd.cache[key]
+
+    def _stash(self, record: VisionRecord, key: Any) -> torch.Tensor:
+        if key not in record.stash:
+            raise RuntimeError(f"vision-tower signal {key!r} was not captured; was the feature call made?")
         return record.stash[key]
 
     def _sig_cls_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
         h = self.adapter.feature_hidden_index(vit_layer)
-        key = ("cls_attention", h)
-        if key not in self.fwd.cache:
-            x = self._vit_tensor(("vit_in", h))  # (n_tiles, T, Dv)
-            self.fwd.cache[key] = self.adapter.cls_attention(self.adapter.vit_attention(h), x).reshape(-1)
-        return self.fwd.cache[key].to(sig.device)[self._vit_rows(sig)]  # (S, N)
+        attn = self.adapter.vit_attention(h)
+        flat = self._per_record(("cls_attention", h),
+                                lambda r: self.adapter.cls_attention(attn, self._stash(r, ("vit_in", h))))
+        return flat[:, 0].to(sig.device)[self._vit_rows(sig)]  # (S, N)
 
     def _sig_vit_keys(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
         h = self.adapter.feature_hidden_index(vit_layer)
-        key = ("vit_keys", h)
-        if key not in self.fwd.cache:
-            x = self._vit_tensor(("vit_in", h))
-            keys = self.adapter.vit_keys(self.adapter.vit_attention(h), x)  # (n_tiles, T, Dv)
-            self.fwd.cache[key] = keys.reshape(-1, keys.shape[-1])
-        return self.fwd.cache[key].to(sig.device)[self._vit_rows(sig)]  # (S, N, Dv)
+        attn = self.adapter.vit_attention(h)
+        flat = self._per_record(("vit_keys", h), lambda r: self.adapter.vit_keys(attn, self._stash(r, ("vit_in", h))))
+        return flat.to(sig.device)[self._vit_rows(sig)]  # (S, N, Dv)
 
     def _sig_vit_features(self, sig: Signals) -> torch.Tensor:
-        feats = self._vit_tensor("features")  # (n_tiles, P, Dv)
-        record = self.fwd.record
-        T, P = record.tokens_per_tile, record.features_per_tile
-        src = self._vit_rows(sig)
-        rows = (src // T) * P + (src % T) - (T - P)  # projector-input row of each ViT token
-        return feats.reshape(-1, feats.shape[-1]).to(sig.device)[rows]  # (S, N, Dv)
+        src = self._vit_rows(sig)  # (S, N) global ViT rows
+        out = None
+        offset = 0
+        for record in self.fwd.records:
+            inside = (src >= offset) & (src < offset + record.n_vit)
+            if bool(inside.any()):
+                rows = self.adapter.vit_feature_rows(record, (src - offset).clamp(0, record.n_vit - 1))
+                out = rows if out is None else torch.where(inside[..., None], rows, out)
+            offset += record.n_vit
+        return out.to(sig.device)  # (S, N, Dfeat)
+
+    def _sig_projector(self, sig: Signals) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.adapter.projector_fn()

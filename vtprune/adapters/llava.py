@@ -64,10 +64,10 @@ class LlavaAdapter(Adapter):
         return ImageLayout(*(torch.cat([a, b]) for a, b in zip(
             (cls.src, cls.grid, cls.line, cls.frame), (lay.src, lay.grid, lay.line, lay.frame))))
 
-    def image_layouts(self, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
+    def image_layouts(self, modality: str, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
         feats = output.pooler_output  # list of (n_i, D), one per image
         T, P, _ = self.tile_tokens(self._strategy(kwargs))
-        record.tokens_per_tile, record.features_per_tile = T, P
+        record.tokens_per_tile, record.features_per_tile, record.n_vit = T, P, T * len(feats)
         for i, f in enumerate(feats):
             if f.shape[0] != P:
                 raise NotImplementedError(
@@ -76,11 +76,11 @@ class LlavaAdapter(Adapter):
                 )
             record.images.append(self._tile_layout(i, T, P))
 
-    def default_layouts(self, n_visual: int) -> VisionRecord | None:
+    def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         T, P, _ = self.tile_tokens(self.config.vision_feature_select_strategy)
         if n_visual % P:
             return None
-        record = VisionRecord(tokens_per_tile=T, features_per_tile=P)
+        record = VisionRecord(modality=modality, tokens_per_tile=T, features_per_tile=P)
         for i in range(n_visual // P):
             lay = self._tile_layout(i, T, P)
             lay.src = torch.full_like(lay.src, -2)  # candidates without a known vision-tower source

@@ -21,7 +21,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
 
-    def image_layouts(self, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
+    def image_layouts(self, modality: str, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:
         image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
         strategy = self._strategy(kwargs)
         T, P, _ = self.tile_tokens(strategy)
@@ -34,6 +34,7 @@ class LlavaNextAdapter(LlavaAdapter):
             tiles = torch.arange(offset, offset + n)[:, None] * T + torch.arange(T - P, T)[None, :]
             index_feats.append(tiles[..., None].double())
             offset += n
+        record.n_vit = offset * T
         packed, _ = self.vlm.pack_image_features(
             index_feats, image_sizes, vision_feature_select_strategy=strategy,
             image_newline=torch.tensor([-1.0], dtype=torch.float64),
@@ -69,5 +70,5 @@ class LlavaNextAdapter(LlavaAdapter):
         grid[canvas, 2] = col  # newlines get column = row width (never read: they are not candidates)
         return ImageLayout(src=src, grid=grid, line=line, frame=torch.zeros(n, dtype=torch.long))
 
-    def default_layouts(self, n_visual: int) -> VisionRecord | None:
+    def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         return None  # the AnyRes layout needs image_sizes: pass pixel_values
