@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 import vtprune
 from vtprune.testing.tiny import Row
 
@@ -37,11 +39,27 @@ METHOD_CASES = [
     MethodCase("kcenter-global", "kcenter", {"ratio": 0.75, "budget": "global"}),
 ]
 
-ADAPTER_CASES = ["llava", "llava_next"]
+ADAPTER_CASES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 ATTN = ["sdpa", "eager"]
 
-# Two prompts of different lengths (and, for LLaVA-NeXT, different AnyRes grids): pruning leaves the rows
-# with different lengths, so the batch exercises re-padding.
+# Two prompts of different lengths (and, for LLaVA-NeXT / Qwen, different image grids): pruning leaves
+# the rows with different lengths, so the batch exercises re-padding. Qwen rows also carry a video.
 ROWS = [Row(before=3, after=4, seed=0, image_size=(40, 50)), Row(before=6, after=2, seed=1, image_size=(56, 28))]
+_QWEN_ROWS = [ROWS[0], Row(before=6, after=2, seed=1, image_size=(56, 28), video_frames=4)]
 # A prompt with two images (spans of one sample).
 TWO_IMAGES = Row(before=2, after=3, seed=2, images=2, image_size=(30, 30))
+
+
+def rows_for(model) -> list[Row]:
+    return _QWEN_ROWS if model.config.model_type.startswith("qwen") else ROWS
+
+
+def visual_of(model, input_ids):
+    """(B, L) bool: image and video placeholders."""
+    cfg = model.config
+    ids = [cfg.image_token_id] + ([cfg.video_token_id] if hasattr(cfg, "video_token_id") else [])
+    return torch.isin(input_ids, torch.tensor(ids))
+
+
+def is_mrope(model) -> bool:
+    return model.config.model_type.startswith("qwen")

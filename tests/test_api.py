@@ -118,13 +118,18 @@ def test_cls_method_on_a_tower_without_cls():
                                            num_attention_heads=4, image_size=56, patch_size=14),
         text_config=_model().config.text_config, image_token_index=IMAGE, vision_feature_select_strategy="full",
         vision_feature_layer=-1)
-    m = T.LlavaForConditionalGeneration._from_config(cfg).eval()
+    m = T.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
     with pytest.raises(ValueError, match=r"'cls_attention' needs a \[CLS\] token.*siglip_vision_model"):
-        vtprune.prune(m, "cls_attention", ratio=0.5)
-    with vtprune.prune(m, "kcenter", ratio=0.5) as h:  # other methods work on SigLIP towers
-        ids = torch.tensor([[1, 5] + [IMAGE] * 16 + [6, 7]])
-        m(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56))
-        assert h.stats.visual_after == [8]
+        vtprune.prune(m, "cls_attention", ratio=0.5, no_cls="error")
+    ids = torch.tensor([[1, 5] + [IMAGE] * 16 + [6, 7]])
+    pv = torch.randn(1, 3, 56, 56)
+    with torch.no_grad(), vtprune.prune(m, "cls_attention", keep=4) as h:  # default: mean received attention
+        m(input_ids=ids, pixel_values=pv)
+    with torch.no_grad():
+        att = m.model.vision_tower(pv, output_attentions=True).attentions[-1]  # (1, H, 16, 16), eager
+    expected = 2 + att.mean(dim=(1, 2))[0].topk(4).indices.sort().values
+    kept = h.stats.kept_positions[0]
+    assert torch.equal(kept[(kept >= 2) & (kept < 18)], expected)
 
 
 def test_flex_attention_is_refused(model, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtprune
-from cases import ADAPTER_CASES, ATTN, METHOD_CASES, ROWS, TWO_IMAGES, MethodCase
+from cases import ADAPTER_CASES, ATTN, METHOD_CASES, TWO_IMAGES, MethodCase, is_mrope, rows_for, visual_of
 from vtprune.testing.reference import generate_positions, masked_forward, pruned_rows
 from vtprune.testing.tiny import build, make_inputs
 
@@ -48,7 +48,7 @@ def _logits(model, inputs):
 # 1. ratio 0 (or keep >= n) -> logits bit-identical to the unpatched model ------------------------------
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 def test_ratio_zero_is_bit_identical(model, case: MethodCase):
-    inputs = make_inputs(model, ROWS)
+    inputs = make_inputs(model, rows_for(model))
     base = _logits(model, inputs)
     budget = {"keep": 10_000} if "keep" in case.kwargs else {"ratio": 0.0}
     methods = case.method
@@ -65,7 +65,7 @@ def test_ratio_zero_is_bit_identical(model, case: MethodCase):
 # 2. remove() -> bit-identical, no hooks, no attributes; a second prune raises unless replace=True ------
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 def test_remove_restores_everything(model, case: MethodCase):
-    inputs = make_inputs(model, ROWS)
+    inputs = make_inputs(model, rows_for(model))
     base = _logits(model, inputs)
     hooks, attrs = _hooks(model), set(model.__dict__)
     vlm_attrs = set(model.model.__dict__)
@@ -89,7 +89,7 @@ def test_remove_restores_everything(model, case: MethodCase):
 
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_context_manager_restores_on_exception(model):
-    inputs = make_inputs(model, ROWS)
+    inputs = make_inputs(model, rows_for(model))
     base = _logits(model, inputs)
     hooks = _hooks(model)
     with pytest.raises(KeyError):
@@ -103,11 +103,11 @@ def test_context_manager_restores_on_exception(model):
 # 3. exact kept counts per span; no text token dropped ---------------------------------------------------
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 def test_exact_counts_and_text_kept(model, case: MethodCase):
-    inputs = make_inputs(model, [*ROWS, TWO_IMAGES])
+    inputs = make_inputs(model, [*rows_for(model), TWO_IMAGES])
     with case.prune(model) as handle:
         _logits(model, inputs)
         stats = handle.stats
-    visual = inputs["input_ids"] == model.config.image_token_id
+    visual = visual_of(model, inputs["input_ids"])
     assert stats.visual_before == visual.sum(1).tolist()
     for stage, step in zip(stats.stages, handle.steps):
         assert stage.stage == step.label
@@ -149,7 +149,7 @@ def _check_newline_rule(model, inputs, stats):
 def test_matches_masked_reference(model, case: MethodCase, padding):
     if case.merges:
         pytest.skip("merging methods change kept representations; covered by test_methods.py")
-    inputs = make_inputs(model, ROWS, padding=padding)
+    inputs = make_inputs(model, rows_for(model), padding=padding)
     with case.prune(model) as handle:
         out = _logits(model, inputs)
         stats = handle.stats
@@ -163,7 +163,11 @@ def test_matches_masked_reference(model, case: MethodCase, padding):
 
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_compact_positions_match_reference(model):
-    inputs = make_inputs(model, ROWS)
+    inputs = make_inputs(model, rows_for(model))
+    if is_mrope(model):
+        with pytest.raises(ValueError, match="compact.*M-RoPE"):
+            vtprune.prune(model, "kcenter", ratio=0.5, positions="compact")
+        return
     with vtprune.prune(model, "kcenter", ratio=0.5, positions="compact") as handle:
         out = _logits(model, inputs)
         stats = handle.stats
@@ -177,7 +181,7 @@ def test_compact_positions_match_reference(model):
 def test_generate_matches_uncached_reference(model, case: MethodCase):
     if case.merges:
         pytest.skip("merging methods change kept representations; covered by test_methods.py")
-    inputs = make_inputs(model, ROWS, padding="left")
+    inputs = make_inputs(model, rows_for(model), padding="left")
     L = inputs["input_ids"].shape[1]
     with case.prune(model) as handle:
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
@@ -189,14 +193,20 @@ def test_generate_matches_uncached_reference(model, case: MethodCase):
         ids = seq[:, : L + step]
         mask = torch.cat([inputs["attention_mask"], torch.ones(len(ids), step, dtype=torch.long)], 1)
         ref_inputs = {**inputs, "input_ids": ids, "attention_mask": mask}
-        ref = masked_forward(model, ref_inputs, stats, position_ids=generate_positions(mask))[:, -1]
+        if "mm_token_type_ids" in inputs:  # generated tokens are text
+            ref_inputs["mm_token_type_ids"] = (ids == model.config.image_token_id).int() + 2 * (
+                ids == model.config.video_token_id).int()
+        # generate() numbers a left-padded prompt from its first real token (Qwen's get_rope_index does
+        # the same from the mask, so the model builds its own 3-D positions)
+        positions = None if is_mrope(model) else generate_positions(mask)
+        ref = masked_forward(model, ref_inputs, stats, position_ids=positions)[:, -1]
         torch.testing.assert_close(logits, ref, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_manual_decode_loop_matches_generate(model):
     """A hand-written cached loop (position_ids=None, as HF's own models default) equals generate()."""
-    inputs = make_inputs(model, ROWS[:1])
+    inputs = make_inputs(model, rows_for(model)[:1])
     with vtprune.prune(model, "kcenter", ratio=0.5):
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         with torch.no_grad():
@@ -212,11 +222,11 @@ def test_manual_decode_loop_matches_generate(model):
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_batch_equals_single_rows(model, case: MethodCase, padding):
-    batch = make_inputs(model, ROWS, padding=padding)
+    batch = make_inputs(model, rows_for(model), padding=padding)
     with case.prune(model) as handle:
         out = _logits(model, batch)
         stats_b = handle.stats
-        for b, row in enumerate(ROWS):
+        for b, row in enumerate(rows_for(model)):
             single = make_inputs(model, [row])
             out_s = _logits(model, single)
             kept_s = handle.stats.kept_positions[0]
@@ -230,11 +240,11 @@ def test_batch_equals_single_rows(model, case: MethodCase, padding):
 
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_batch_generate_equals_single_rows(model):
-    batch = make_inputs(model, ROWS, padding="left")
+    batch = make_inputs(model, rows_for(model), padding="left")
     with vtprune.prune(model, ["cls_attention", vtprune.method("fastv", layer=2, ratio=0.5)], keep=6):
         gen = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        for b, row in enumerate(ROWS):
+        for b, row in enumerate(rows_for(model)):
             single = model.generate(**make_inputs(model, [row]), max_new_tokens=4, do_sample=False,
                                     return_dict_in_generate=True, output_logits=True)
             for lb, ls in zip(gen.logits, single.logits):
@@ -245,7 +255,7 @@ def test_batch_generate_equals_single_rows(model):
 @pytest.mark.parametrize("family", ADAPTER_CASES)
 @pytest.mark.parametrize("case", METHOD_CASES, ids=[c.id for c in METHOD_CASES])
 def test_sdpa_matches_eager(family, case: MethodCase):
-    inputs = make_inputs(_model(family, "sdpa"), ROWS)
+    inputs = make_inputs(_model(family, "sdpa"), rows_for(_model(family, "sdpa")))
     outs, kept = [], []
     for attn in ATTN:
         m = _model(family, attn)
@@ -264,10 +274,10 @@ def test_sdpa_matches_eager(family, case: MethodCase):
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_beam_search_and_multiple_returns(model):
     """generate() repeats encoded images per beam after encoding them; each copy keeps its own layout."""
-    batch = make_inputs(model, ROWS, padding="left")
+    batch = make_inputs(model, rows_for(model), padding="left")
     with vtprune.prune(model, "cls_attention", keep=6) as handle:
         beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
         assert handle.stats.visual_after[::2] == handle.stats.visual_after[1::2]  # beams of one sample agree
-        for b, row in enumerate(ROWS):
+        for b, row in enumerate(rows_for(model)):
             single = model.generate(**make_inputs(model, [row]), max_new_tokens=3, num_beams=2, do_sample=False)
             assert torch.equal(beams[b, -3:], single[0, -3:])

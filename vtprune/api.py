@@ -154,17 +154,18 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
     missing_stage = stages - set(adapter.stages)
     if missing_stage:
         raise ValueError(f"{family} adapter cannot prune at the {missing_stage.pop()} stage needed by {m.name!r}")
-    missing = set(m.requires) - set(adapter.signals)
-    if missing:
-        raise ValueError(f"method {m.name!r} needs signal(s) {sorted(missing)} that the {family} adapter cannot supply")
-    if m.requires & {"cls_attention"} and not adapter.has_cls:
+    required = m.required_signals(adapter.has_cls)
+    if "cls_attention" in required and not adapter.has_cls:
         raise ValueError(
             f"method {m.name!r} needs a [CLS] token, but {family}'s vision tower "
             f"({adapter.config.vision_config.model_type}) has none"
         )
-    if m.requires & {"cls_attention", "vit_keys"}:
+    missing = set(required) - set(adapter.signals)
+    if missing:
+        raise ValueError(f"method {m.name!r} needs signal(s) {sorted(missing)} that the {family} adapter cannot supply")
+    if required & {"cls_attention", "vit_keys", "received_attention"}:
         adapter.vit_attention(getattr(m, "vit_layer", None))  # raises if vit_layer is out of range
-    if "text_attention" in m.requires and m.layers and min(m.layers) < 1:
+    if "text_attention" in required and m.layers and min(m.layers) < 1:
         raise ValueError(f"method {m.name!r} scores with layer K-1, so layer must be >= 1")
     if m.layers and m.layers != (0,) and not m.layer_ok:
         raise ValueError(f"method {m.name!r} cannot act inside the LLM")

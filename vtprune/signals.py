@@ -120,6 +120,19 @@ class Signals:
         ``vit_layer`` is a hidden-states index as in ``vision_feature_layer`` (None: the model's)."""
         return self._get("vit_keys", vit_layer=vit_layer)
 
+    @property
+    def has_cls(self) -> bool:
+        """Whether the vision tower has a [CLS] token (``cls_attention`` is available)."""
+        if self._source is None:
+            return "cls_attention" in self._given
+        return bool(getattr(self._source, "has_cls", False))
+
+    def received_attention(self, vit_layer: int | None = None) -> torch.Tensor:
+        """(S, N) attention each candidate's patch(es) receive in a ViT layer, averaged over the queries of
+        its image (or attention window) and over heads; summed over the patches a token merges (Qwen's
+        2x2, InternVL's pixel shuffle). Available for every tower, with or without [CLS]."""
+        return self._get("received_attention", vit_layer=vit_layer)
+
     def cls_attention(self, vit_layer: int | None = None) -> torch.Tensor:
         """(S, N) attention of the [CLS] query to each candidate's patch, head mean, in the ViT layer
         producing hidden state ``vit_layer`` (None: the layer the model takes its features from).

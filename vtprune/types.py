@@ -23,6 +23,7 @@ SIGNALS: tuple[str, ...] = (
     "vit_features",  # pre-projector vision features of each candidate (the projector's input)
     "vit_keys",  # keys of the CLS-attention ViT layer at each candidate's patch
     "cls_attention",  # [CLS] -> patch attention of a chosen ViT layer, head mean
+    "received_attention",  # attention a patch receives in a ViT layer (query and head mean)
     "instruction",  # embeddings of the text tokens that follow the visual tokens
     "text_attention",  # attention of text queries to each candidate at decoder layer K-1 (layer stage)
     "hidden_prev",  # input of decoder layer K-1 at each candidate (layer stage)

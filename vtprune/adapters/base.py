@@ -145,13 +145,20 @@ class Adapter:
             raise ValueError("vit_layer selects the patch embeddings, which have no attention; choose a layer >= 1")
         return self.vit_layers()[h - 1].self_attn
 
-    def cls_attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """(n_tiles, T) head-mean attention of token 0 ([CLS]) from the normed ViT attention input x."""
+    # Each takes the ViT attention module and what was captured at its input ({"x": normed input, plus
+    # "cu_seqlens" / "position_embeddings" for packed towers}) and returns one row per ViT row of the
+    # record (the units ``ImageLayout.src`` counts).
+    def cls_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        """(n_vit,) head-mean attention of the [CLS] query to every ViT token."""
         raise NotImplementedError(f"{type(self).__name__} has no [CLS] token")
 
-    def vit_keys(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """(n_tiles, T, Dv) keys of a ViT attention layer from its normed input x."""
-        return attn.k_proj(x)
+    def received_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        """(n_vit,) attention each ViT token receives, averaged over the queries of its image and heads."""
+        raise NotImplementedError
+
+    def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        """(n_vit, Dk) keys (heads concatenated) of a ViT attention layer."""
+        raise NotImplementedError
 
     def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor) -> torch.Tensor:
         """(..., Dfeat) projector inputs of the LLM tokens whose ViT source rows are ``src`` (...)."""

@@ -198,6 +198,7 @@ class Engine:
         self._pending: VisionRecord | None = None
         self._vision: dict[str, VisionRecord] = {}  # modality -> the last feature call's record
         self._vlm_gave_positions = True
+        self._last_layer = -1
         self._fwd: Forward | None = None
         self._gen: Generation | None = None
         self._phase: str | None = None
@@ -213,9 +214,9 @@ class Engine:
         patcher.pre_hook(lm, self._on_lm, what="vtprune: prune the LLM input")
         patcher.post_hook(lm, self._after_lm, what="vtprune: finish prefill")
         methods = [s.method for s in self.pre_steps] + [s.method for ss in self.layer_steps.values() for s in ss]
-        needs = set().union(*(m.requires for m in methods)) if methods else set()
-        vit_layers = {a.feature_hidden_index(getattr(m, "vit_layer", None))
-                      for m in methods if m.requires & {"cls_attention", "vit_keys"}}
+        needs = set().union(*(m.required_signals(a.has_cls) for m in methods)) if methods else set()
+        vit_layers = {a.feature_hidden_index(getattr(m, "vit_layer", None)) for m in methods
+                      if m.required_signals(a.has_cls) & {"cls_attention", "vit_keys", "received_attention"}}
         for h in sorted(vit_layers):
             patcher.pre_hook(a.vit_attention(h), self._capture_vit(h), what=f"vtprune: capture ViT attention input {h}")
         if "vit_features" in needs:
@@ -225,7 +226,7 @@ class Engine:
             for l in range(min(self.layer_steps), len(layers)):
                 patcher.pre_hook(layers[l], self._layer_hook(l), what=f"vtprune: decoder layer {l}")
             for K, steps in self.layer_steps.items():
-                req = set().union(*(s.method.requires for s in steps))
+                req = set().union(*(s.method.required_signals(a.has_cls) for s in steps))
                 if "text_attention" in req:
                     patcher.pre_hook(layers[K - 1].self_attn, self._capture_attn(K - 1),
                                      what=f"vtprune: capture layer {K - 1} attention input")
@@ -238,6 +239,8 @@ class Engine:
     def _wrap_features(self, modality: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             def get_features(*args: Any, **kwargs: Any) -> Any:
+                if self._pending is not None:  # nested (Qwen3-VL's video path calls the image one)
+                    return original(*args, **kwargs)
                 record = VisionRecord(modality=modality)
                 self._pending = record
                 try:
@@ -258,7 +261,11 @@ class Engine:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._pending is not None:
                 x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                self._pending.stash[("vit_in", h)] = x.detach()
+                # references only: q/k are recomputed from these if (and only if) a method asks
+                self._pending.stash[("vit_in", h)] = {
+                    "x": x.detach(), "cu_seqlens": kwargs.get("cu_seqlens"),
+                    "position_embeddings": kwargs.get("position_embeddings"),
+                }
 
         return hook
 
@@ -364,7 +371,7 @@ class Engine:
         return layout, records
 
     def _prefill(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._fwd, self._gen, self._phase = None, None, "prefill"
+        self._fwd, self._gen, self._phase, self._last_layer = None, None, "prefill", -1
         embeds = kwargs.get("inputs_embeds")
         masks = self.adapter.visual_masks(self._input_ids, self._embeds_in) if embeds is not None else {}
         if not masks or any(m.shape != embeds.shape[:2] for m in masks.values()) or not any(
@@ -464,8 +471,14 @@ class Engine:
             self._fwd = None  # release captured activations
 
     # ================================================================== decoder layers
+    def current_layer_map(self) -> IndexMap | None:
+        """In prefill, the map of the decoder layer that ran last (None: the LLM input sequence)."""
+        fwd = self._fwd
+        return None if fwd is None or self._phase != "prefill" else fwd.map_at(self._last_layer)
+
     def _layer_hook(self, l: int) -> Callable[..., tuple[tuple, dict] | None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            self._last_layer = l
             if self._phase == "prefill" and self._fwd is not None:
                 with torch.no_grad():
                     return self._layer_prefill(l, args, kwargs)
@@ -739,6 +752,10 @@ class _StageView:
     def _orig_of(self, sig: Signals) -> torch.Tensor:
         return self.orig[sig.rows[:, None], sig.positions]  # (S, N) original positions
 
+    @property
+    def has_cls(self) -> bool:
+        return bool(self.adapter.has_cls)
+
     def signal(self, name: str, sig: Signals, **kw: Any) -> Any:
         fn = getattr(self, f"_sig_{name}", None)
         if fn is None:
@@ -861,18 +878,21 @@ class _StageView:
             raise RuntimeError(f"vision-tower signal {key!r} was not captured; was the feature call made?")
         return record.stash[key]
 
-    def _sig_cls_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
+    def _vit_signal(self, name: str, sig: Signals, vit_layer: int | None) -> torch.Tensor:
         h = self.adapter.feature_hidden_index(vit_layer)
         attn = self.adapter.vit_attention(h)
-        flat = self._per_record(("cls_attention", h),
-                                lambda r: self.adapter.cls_attention(attn, self._stash(r, ("vit_in", h))))
-        return flat[:, 0].to(sig.device)[self._vit_rows(sig)]  # (S, N)
+        compute = getattr(self.adapter, name)
+        flat = self._per_record((name, h), lambda r: compute(attn, self._stash(r, ("vit_in", h)), r))
+        return flat.to(sig.device)[self._vit_rows(sig)]  # (S, N, ...)
+
+    def _sig_cls_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
+        return self._vit_signal("cls_attention", sig, vit_layer)[..., 0]  # (S, N)
+
+    def _sig_received_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
+        return self._vit_signal("received_attention", sig, vit_layer)[..., 0]  # (S, N)
 
     def _sig_vit_keys(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
-        h = self.adapter.feature_hidden_index(vit_layer)
-        attn = self.adapter.vit_attention(h)
-        flat = self._per_record(("vit_keys", h), lambda r: self.adapter.vit_keys(attn, self._stash(r, ("vit_in", h))))
-        return flat.to(sig.device)[self._vit_rows(sig)]  # (S, N, Dv)
+        return self._vit_signal("vit_keys", sig, vit_layer)  # (S, N, Dk)
 
     def _sig_vit_features(self, sig: Signals) -> torch.Tensor:
         src = self._vit_rows(sig)  # (S, N) global ViT rows

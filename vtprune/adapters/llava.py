@@ -17,8 +17,8 @@ from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
-    signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "cls_attention", "instruction",
-                         "text_attention", "hidden_prev", "projector", "grid"})
+    signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "cls_attention", "received_attention",
+                         "instruction", "text_attention", "hidden_prev", "projector", "grid"})
 
     @property
     def has_cls(self) -> bool:  # type: ignore[override]
@@ -45,13 +45,30 @@ class LlavaAdapter(Adapter):
         P = patches if strategy == "default" else T
         return T, P, T - P
 
-    def cls_attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def cls_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        x = cap["x"]  # (n_tiles, T, Dv)
         n, T, _ = x.shape
         H, d = attn.num_heads, attn.head_dim
         q = attn.q_proj(x[:, :1]).view(n, 1, H, d).transpose(1, 2)  # (n, H, 1, d)
         k = attn.k_proj(x).view(n, T, H, d).transpose(1, 2)  # (n, H, T, d)
         probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (n, H, 1, T)
-        return probs[:, :, 0].mean(1)  # (n, T)
+        return probs[:, :, 0].mean(1).reshape(-1)  # (n * T,)
+
+    def received_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        x = cap["x"]  # (n_tiles, T, Dv)
+        n, T, _ = x.shape
+        H, d = attn.num_heads, attn.head_dim
+        out = []
+        for tile in x.split(1):  # one tile at a time bounds memory at H x T x T
+            q = attn.q_proj(tile).view(1, T, H, d).transpose(1, 2).float()
+            k = attn.k_proj(tile).view(1, T, H, d).transpose(1, 2).float()
+            probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (1, H, T, T)
+            out.append(probs.mean(dim=(1, 2)))  # (1, T): mean over heads and queries
+        return torch.cat(out).reshape(-1)  # (n * T,)
+
+    def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        x = cap["x"]
+        return attn.k_proj(x).reshape(-1, x.shape[-1])  # (n * T, Dv)
 
     def _tile_layout(self, tile: int, T: int, P: int) -> ImageLayout:
         """One tile's projector tokens: [CLS] first for ``full`` (group -1), then the patch grid."""

@@ -81,6 +81,10 @@ class Method:
         self.validate()
 
     # --------------------------------------------------------------- subclass API
+    def required_signals(self, has_cls: bool) -> frozenset[str]:
+        """The signals this configuration reads on a tower with / without [CLS] (default: ``requires``)."""
+        return self.requires
+
     def validate(self) -> None:
         """Check method-specific fields; raise ValueError naming the bad value."""
 

@@ -15,7 +15,10 @@ Differences from the reference:
     ranks all crops of an image jointly under one per-image budget (scores are comparable: each crop's
     [CLS] row sums to one), so exactly the budgeted count survives. ``image_newline`` tokens follow
     vtprune's AnyRes rule (kept iff their row keeps a token) instead of all being kept.
-  * Towers without a [CLS] token (SigLIP, Qwen ViTs) are refused at ``prune()`` time with an error.
+  * Towers without a [CLS] token (SigLIP in LLaVA-OneVision, the Qwen ViTs): with the default
+    ``no_cls="received_attention"`` the score is the attention each token's patch(es) receive in that
+    layer, averaged over the image's queries and heads (VisionZip's choice for SigLIP; FasterVLM itself
+    defines no such case); ``no_cls="error"`` refuses these towers at ``prune()`` time instead.
 """
 
 from __future__ import annotations
@@ -39,10 +42,21 @@ class ClsAttention(ScoreMethod):
     # ViT layer (hidden-states index, as in ``vision_feature_layer``) whose [CLS] row scores the
     # patches; None = the model's own ``vision_feature_layer`` (FasterVLM's choice).
     vit_layer: int | None = None
+    # towers without [CLS]: "received_attention" (mean attention received) or "error"
+    no_cls: str = "received_attention"
 
     def validate(self) -> None:
         if self.vit_layer is not None and (isinstance(self.vit_layer, bool) or not isinstance(self.vit_layer, int)):
             raise ValueError(f"cls_attention: vit_layer must be an int or None, got {self.vit_layer!r}")
+        if self.no_cls not in ("received_attention", "error"):
+            raise ValueError(f"cls_attention: no_cls={self.no_cls!r}; allowed: 'received_attention', 'error'")
+
+    def required_signals(self, has_cls: bool) -> frozenset[str]:
+        if not has_cls and self.no_cls == "received_attention":
+            return frozenset({"received_attention"})
+        return self.requires
 
     def score(self, sig: Signals) -> torch.Tensor:
-        return sig.cls_attention(vit_layer=self.vit_layer)  # (S, N)
+        if sig.has_cls:
+            return sig.cls_attention(vit_layer=self.vit_layer)  # (S, N)
+        return sig.received_attention(vit_layer=self.vit_layer)  # (S, N)

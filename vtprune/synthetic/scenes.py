@@ -216,13 +216,14 @@ def _mask(obj: SceneObject) -> Image.Image:
 
 def render(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> tuple[Image.Image, np.ndarray, np.ndarray]:
     """Draw ``objects`` on a noisy grey background; return (image, patch_object, patch_coverage)."""
-    base = rng.integers(25, 90)
-    pixels = base + 5.0 * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    # Uniform integer noise (std ~5): 6x cheaper than Gaussian and just as good at breaking exact repeats.
+    base = int(rng.integers(25, 90))
+    pixels = base + rng.integers(-8, 9, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.int16)
     coverage = np.zeros((len(objects), GRID, GRID))
     for i, obj in enumerate(objects):
         mask = np.asarray(_mask(obj)) > 0
         colour = np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, 3)
-        pixels[mask] = colour + rng.normal(0.0, 5.0, (int(mask.sum()), 3))
+        pixels[mask] += (colour - base).astype(np.int16)  # the object's colour plus the same noise
         coverage[i] = mask.reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     if not objects:

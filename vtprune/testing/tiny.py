@@ -5,6 +5,7 @@ Used by the test matrix, the demo and the benchmarks. Token ids: 0 pad, 1 BOS, 2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,9 +13,10 @@ from typing import Any
 import torch
 import transformers as T
 
-PAD, BOS, EOS, IMAGE = 0, 1, 2, 500
+PAD, BOS, EOS, IMAGE, VIDEO, VSTART, VEND, TIMESTAMP = 0, 1, 2, 500, 501, 502, 503, 504
 VOCAB = 512
-FAMILIES: tuple[str, ...] = ("llava", "llava_next")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _text_config(layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128) -> T.LlamaConfig:
@@ -42,11 +44,35 @@ def build(family: str, attn: str = "sdpa", *, seed: int = 0, dtype: torch.dtype 
                                 image_token_index=IMAGE, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
                                 vision_feature_select_strategy="default", vision_feature_layer=-2)
         cls = T.LlavaNextForConditionalGeneration
+    elif family in QWEN:
+        cfg, cls = _qwen_config(family, text_layers)
     else:
         raise ValueError(f"unknown tiny family {family!r}; known: {FAMILIES}")
     model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     model.generation_config.pad_token_id = PAD
     return model
+
+
+def _qwen_config(family: str, text_layers: int) -> tuple[Any, type]:
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, bos_token_id=BOS,
+                eos_token_id=EOS, pad_token_id=PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return T.Qwen2VLConfig(vision_config=vision, text_config=text, **ids), T.Qwen2VLForConditionalGeneration
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                      window_size=56, fullatt_block_indexes=[1], spatial_merge_size=2, temporal_patch_size=2)
+        return T.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids), T.Qwen2_5_VLForConditionalGeneration
+    text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=16,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1], spatial_merge_size=2,
+                  temporal_patch_size=2)
+    return T.Qwen3VLConfig(vision_config=vision, text_config=text, **ids), T.Qwen3VLForConditionalGeneration
 
 
 def demo_llava(seed: int = 0, text_layers: int = 8, hidden: int = 512) -> torch.nn.Module:
@@ -70,15 +96,25 @@ class Row:
 
     before: int = 3
     after: int = 4
-    image_size: tuple[int, int] = (40, 50)  # LLaVA-NeXT only (original H, W)
+    image_size: tuple[int, int] = (40, 50)  # LLaVA-NeXT: original (H, W); Qwen: grid from qwen_grid()
     images: int = 1
+    video_frames: int = 0  # Qwen: frames of one video after the image(s) (a multiple of 2)
     seed: int = 0
     ids: list[int] = field(default_factory=list)
+
+
+def qwen_grid(model: torch.nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid (h, w) of a Qwen image of ``image_size``: even, about twice the size / patch."""
+    p = model.config.vision_config.patch_size
+    return 2 * math.ceil(image_size[0] / p), 2 * math.ceil(image_size[1] / p)
 
 
 def image_tokens(model: torch.nn.Module, image_size: tuple[int, int] | None = None) -> int:
     """Number of LLM tokens one image becomes."""
     cfg = model.config
+    if cfg.model_type in QWEN:
+        h, w = qwen_grid(model, image_size)
+        return h * w // 4
     if cfg.model_type == "llava":
         vc = cfg.vision_config
         return (vc.image_size // vc.patch_size) ** 2
@@ -98,27 +134,52 @@ def _next_pixels(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], seed:
     return pv, torch.tensor(sizes)
 
 
+def _qwen_pixels(model: torch.nn.Module, t: int, h: int, w: int, seed: int) -> torch.Tensor:
+    vc = model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t * h * w, 3 * vc.temporal_patch_size * vc.patch_size**2, generator=g).to(model.dtype)
+
+
 def make_inputs(model: torch.nn.Module, rows: Sequence[Row], padding: str = "left") -> dict[str, Any]:
     """Batch the rows with ``padding`` ("left" / "right"); pixel values are seeded per row."""
     cfg = model.config
-    seqs, pixels, sizes = [], [], []
+    qwen = cfg.model_type in QWEN
+    seqs, pixels, sizes, videos, vgrids = [], [], [], [], []
     for row in rows:
         g = torch.Generator().manual_seed(1000 + row.seed)
         text = torch.randint(3, 400, (row.before + row.after,), generator=g).tolist()
         ids = [BOS] + text[: row.before]
-        for _ in range(row.images):
-            ids += [IMAGE] * image_tokens(model, row.image_size if cfg.model_type != "llava" else None)
-        ids += text[row.before :]
-        seqs.append(ids)
         for i in range(row.images):
-            if cfg.model_type == "llava":
+            seed = 2000 + 10 * row.seed + i
+            if qwen:
+                h, w = qwen_grid(model, row.image_size)
+                ids += [VSTART] + [IMAGE] * (h * w // 4) + [VEND]
+                pixels.append(_qwen_pixels(model, 1, h, w, seed))
+                sizes.append(torch.tensor([[1, h, w]]))
+            elif cfg.model_type == "llava":
+                ids += [IMAGE] * image_tokens(model)
                 px = cfg.vision_config.image_size
-                gp = torch.Generator().manual_seed(2000 + 10 * row.seed + i)
-                pixels.append(torch.randn(1, 3, px, px, generator=gp).to(model.dtype))
+                pixels.append(torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(seed)).to(model.dtype))
             else:
-                pv, sz = _next_pixels(model, [row.image_size], seed=2000 + 10 * row.seed + i)
+                ids += [IMAGE] * image_tokens(model, row.image_size)
+                pv, sz = _next_pixels(model, [row.image_size], seed=seed)
                 pixels.append(pv)
                 sizes.append(sz)
+        if row.video_frames:
+            if not qwen:
+                raise ValueError(f"make_inputs: videos are only built for Qwen families, not {cfg.model_type}")
+            t = row.video_frames // cfg.vision_config.temporal_patch_size
+            h, w = qwen_grid(model, row.image_size)
+            per_frame = [VSTART] + [VIDEO] * (h * w // 4) + [VEND]
+            if cfg.model_type == "qwen3_vl":  # every frame its own block after a timestamp token
+                ids += [TIMESTAMP, *per_frame] * t
+                vgrids += [torch.tensor([[1, h, w]])] * t
+            else:
+                ids += [VSTART] + [VIDEO] * (t * h * w // 4) + [VEND]
+                vgrids.append(torch.tensor([[t, h, w]]))
+            videos.append(_qwen_pixels(model, t, h, w, 3000 + row.seed))
+        ids += text[row.before :]
+        seqs.append(ids)
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
     mask = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -127,7 +188,13 @@ def make_inputs(model: torch.nn.Module, rows: Sequence[Row], padding: str = "lef
         input_ids[b, sl] = torch.tensor(s)
         mask[b, sl] = 1
     out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
-    if cfg.model_type == "llava":
+    if qwen:
+        out["mm_token_type_ids"] = (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
+        if pixels:
+            out["pixel_values"], out["image_grid_thw"] = torch.cat(pixels), torch.cat(sizes)
+        if videos:
+            out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), torch.cat(vgrids)
+    elif cfg.model_type == "llava":
         out["pixel_values"] = torch.cat(pixels)
     else:
         tiles = max(p.shape[1] for p in pixels)

@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Train the embedded synthetic-VQA LLaVA on CPU and ship it to ``models/synthetic-llava``.
+
+    python scripts/train_synthetic.py                 # reproduces the shipped model (resumes if interrupted)
+    python scripts/train_synthetic.py --fresh         # ignore an existing checkpoint
+
+Loss = cross-entropy on the answer word (and the ``</s>`` after it) + an auxiliary dense loss on the visual tokens:
+a linear head on the projector output predicts, per patch, the colour, shape and 3 x 3 region of the object covering
+it (labels come free from the generator), and a linear head on the ViT [CLS] token of the feature layer predicts
+which (colour, shape) pairs are present. A plain LM loss stays on the answer-prior plateau for a long time
+(EVAL_INFRA.md §5); the dense loss makes the visual tokens informative within a few hundred steps. The [CLS] head also
+gives the [CLS] token of the feature layer a reason to attend to objects, as CLIP's does in real images, so
+[CLS]-attention pruning has a meaningful signal. Both heads are training-only and never shipped.
+
+Everything is seeded: sample ``i`` of step ``s`` is ``make_sample(s * batch + i)``, so a resumed run sees the same
+data as an uninterrupted one. Checkpoints are safetensors + JSON (no pickle): model, heads, AdamW state, step, RNG.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must precede the first torch import: spin-waiting OpenMP threads were measured 10x slower on 2 shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from vtprune.synthetic import scenes  # noqa: E402
+from vtprune.synthetic.eval import evaluate  # noqa: E402
+from vtprune.synthetic.model import ModelSpec, build_model  # noqa: E402
+from vtprune.synthetic.tokenizer import build_processor, prompt  # noqa: E402
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the defaults reproduce the shipped model."""
+
+    out: str = "models/synthetic-llava"
+    ckpt_dir: str = "out/train_synthetic"
+    steps: int = 4000
+    batch_size: int = 24
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 1.0  # per-patch colour / shape / region head
+    cls_weight: float = 0.5  # [CLS] "which objects are present" head
+    min_coverage: float = 0.25  # patches an object covers less than this are left out of the patch loss
+    eval_every: int = 250
+    eval_samples: int = 1000
+    eval_batch: int = 50
+    ckpt_every: int = 50
+    seed: int = 0
+    threads: int = 2
+    spec: ModelSpec = field(default_factory=ModelSpec)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**{**d, "spec": ModelSpec(**d["spec"])})
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+def collate(samples: list[scenes.Sample], tokenizer) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + answer + </s>`` rows, pixels and patch labels for one batch.
+
+    Equivalent to ``processor(images, text)`` (a test checks it) but skips the PIL resize/crop, which is the
+    identity at 336 px and costs more than the model's data needs.
+    """
+    n_img = scenes.GRID**2
+    texts = [prompt(s.question).replace("<image>", "<image>" * n_img) + f" {s.answer} {tokenizer.eos_token}"
+             for s in samples]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    pixels = np.stack([np.asarray(s.image, np.float32) for s in samples]) / 127.5 - 1.0  # mean = std = 0.5
+    labels = []
+    for s in samples:
+        obj = s.patch_object.copy()
+        obj[(s.patch_coverage > 0) & (s.patch_coverage < 0.25)] = IGNORE  # ambiguous edge patches
+        labels.append(obj)
+    return {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "pixel_values": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+        "patch_object": torch.from_numpy(np.stack(labels)).flatten(1),
+        "patch_colour": torch.from_numpy(np.stack([s.patch_colour for s in samples])).flatten(1),
+        "patch_shape": torch.from_numpy(np.stack([s.patch_shape for s in samples])).flatten(1),
+        "present": torch.tensor(np.stack([_present(s) for s in samples]), dtype=torch.float32),
+    }
+
+
+def _present(s: scenes.Sample) -> np.ndarray:
+    """Multi-hot over (colour, shape) pairs present in the scene."""
+    v = np.zeros(len(scenes.COLOUR_NAMES) * len(scenes.SHAPES), np.float32)
+    for o in s.objects:
+        v[scenes.COLOUR_NAMES.index(o.colour) * len(scenes.SHAPES) + scenes.SHAPES.index(o.shape)] = 1.0
+    return v
+
+
+_REGION_OF_PATCH = torch.tensor([scenes.region_of_patch(r, c) for r in range(scenes.GRID) for c in range(scenes.GRID)])
+
+
+# --------------------------------------------------------------------------------------------------- model + heads
+
+class AuxHeads(nn.Module):
+    """Training-only probes: per-visual-token colour / shape / region, and [CLS] presence of each (colour, shape)."""
+
+    def __init__(self, llm_hidden: int, vit_hidden: int) -> None:
+        super().__init__()
+        self.n_colour, self.n_shape = len(scenes.COLOUR_NAMES) + 1, len(scenes.SHAPES) + 1  # + background
+        self.patch = nn.Linear(llm_hidden, self.n_colour + self.n_shape + 9)
+        self.cls = nn.Linear(vit_hidden, len(scenes.COLOUR_NAMES) * len(scenes.SHAPES))
+
+    def losses(self, visual: torch.Tensor, cls: torch.Tensor, batch: dict[str, torch.Tensor],
+               min_coverage_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.patch(visual)  # (B, 576, C)
+        lc, ls, lr = logits.split([self.n_colour, self.n_shape, 9], dim=-1)
+        colour = batch["patch_colour"].masked_fill(~min_coverage_mask, IGNORE)
+        shape = batch["patch_shape"].masked_fill(~min_coverage_mask, IGNORE)
+        # Region only on object patches: background tokens carry no "where" the question could ask about.
+        region = _REGION_OF_PATCH.expand_as(colour).masked_fill(colour <= 0, IGNORE)
+        out = {
+            "colour": F.cross_entropy(lc.flatten(0, 1), colour.flatten(), ignore_index=IGNORE),
+            "shape": F.cross_entropy(ls.flatten(0, 1), shape.flatten(), ignore_index=IGNORE),
+            "cls": F.binary_cross_entropy_with_logits(self.cls(cls), batch["present"]),
+        }
+        if (region >= 0).any():
+            out["region"] = F.cross_entropy(lr.flatten(0, 1), region.flatten(), ignore_index=IGNORE)
+        return out
+
+
+class _Capture:
+    """Forward hooks that keep the projector output (the LLM's visual tokens) and the ViT feature layer's output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.store: dict[str, torch.Tensor] = {}
+        layers = model.model.vision_tower.vision_model.encoder.layers
+        # hidden_states[-2] (vision_feature_layer) is the output of encoder layer -2.
+        feature_layer = layers[model.config.vision_feature_layer]
+        self.handles = [
+            model.model.multi_modal_projector.register_forward_hook(self._keep("visual")),
+            feature_layer.register_forward_hook(self._keep("vit")),
+        ]
+
+    def _keep(self, key: str):
+        def hook(_module, _inputs, output):
+            self.store[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def step_losses(model: nn.Module, heads: AuxHeads, capture: _Capture, batch: dict[str, torch.Tensor],
+                cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """All loss terms for one batch; ``total`` is the weighted sum that is optimised."""
+    mask = batch["attention_mask"]
+    # Same positions as generate() uses for a left-padded batch.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["pixel_values"],
+                position_ids=position_ids, logits_to_keep=3, use_cache=False)
+    # Rows end with "... ASSISTANT: <answer> </s>": logits[-3] predicts the answer, logits[-2] predicts </s>.
+    targets = batch["input_ids"][:, -2:]
+    lm = F.cross_entropy(out.logits[:, :2].flatten(0, 1), targets.flatten(), reduction="none").view(-1, 2)
+    losses = {"lm": lm[:, 0].mean(), "eos": lm[:, 1].mean()}
+    cover_ok = batch["patch_object"] != IGNORE
+    aux = heads.losses(capture.store["visual"], capture.store["vit"][:, 0], batch, cover_ok)
+    losses.update(aux)
+    patch_terms = sum(aux[k] for k in ("colour", "shape", "region") if k in aux)
+    losses["total"] = losses["lm"] + 0.2 * losses["eos"] + cfg.aux_weight * patch_terms + cfg.cls_weight * aux["cls"]
+    losses["answer_acc"] = (out.logits[:, 0].argmax(-1) == targets[:, 0]).float().mean()
+    return losses
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, step: int, model: nn.Module, heads: nn.Module, opt: torch.optim.Optimizer,
+                    cfg: TrainConfig, extra: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` (model + heads), ``optimizer.safetensors`` and ``state.json`` atomically enough:
+    the JSON, which marks a checkpoint valid, is written last."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"heads.{k}": v.detach().contiguous() for k, v in heads.state_dict().items()})
+    save_file(tensors, path / "model.safetensors.tmp")
+    opt_state = opt.state_dict()
+    opt_tensors = {f"{i}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()}
+    opt_tensors["rng.torch"] = torch.get_rng_state()
+    save_file(opt_tensors, path / "optimizer.safetensors.tmp")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        (path / f"{name}.tmp").replace(path / name)
+    state = {"step": step, "config": asdict(cfg), "param_groups": opt_state["param_groups"], **extra}
+    (path / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    (path / "state.json.tmp").replace(path / "state.json")
+
+
+def load_checkpoint(path: Path, model: nn.Module, heads: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the JSON state."""
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "model.safetensors")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    heads.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+    opt_tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(opt_tensors.pop("rng.torch"))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in opt_tensors.items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    return state
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship: bool = True) -> dict[str, Any]:
+    """Run (or resume) training; ship the model (without heads) to ``cfg.out``. Returns the final summary."""
+    torch.set_num_threads(cfg.threads)
+    ckpt = Path(cfg.ckpt_dir)
+    log_path = ckpt / "log.jsonl"
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = build_model(cfg.spec, tok, seed=cfg.seed)
+    heads = AuxHeads(cfg.spec.llm_hidden, cfg.spec.vit_hidden)
+    params = [*model.parameters(), *heads.parameters()]
+    # No weight decay on norms and biases (1-D tensors): standard for transformers.
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    start, elapsed = 0, 0.0
+    if not fresh and (ckpt / "state.json").exists():
+        state = load_checkpoint(ckpt, model, heads, opt)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"checkpoint in {ckpt} was made with another config; pass --fresh to start over\n"
+                             f"  checkpoint: {state['config']}\n  now:        {asdict(cfg)}")
+        start, elapsed = state["step"], state["elapsed_s"]
+        _truncate_log(log_path, start)
+    else:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+        torch.manual_seed(cfg.seed)
+
+    heldout = scenes.heldout(cfg.eval_samples)
+    capture = _Capture(model)
+    model.train()
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    last_eval: dict[str, Any] = {}
+    try:
+        with log_path.open("a") as log:
+            for step in bar:
+                samples = [scenes.make_sample(step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+                batch = collate(samples, tok)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                losses = step_losses(model, heads, capture, batch, cfg)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+
+                done = step + 1
+                rec = {"step": done, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
+                       "time_s": round(time.perf_counter() - t0, 1),
+                       **{k: round(float(v), 5) for k, v in losses.items()}}
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    model.eval()
+                    res = evaluate(model, processor, heldout, batch_size=cfg.eval_batch)
+                    model.train()
+                    last_eval = {"heldout_acc": res.accuracy, "heldout_per_type": res.per_type}
+                    rec.update(last_eval)
+                    tqdm.write(f"step {done}: held-out acc {res.accuracy:.4f} "
+                               + " ".join(f"{k}={v:.3f}" for k, v in res.per_type.items()))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['total']:.3f}", lm=f"{rec['lm']:.3f}", acc=f"{rec['answer_acc']:.2f}")
+                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                    save_checkpoint(ckpt, done, model, heads, opt, cfg,
+                                    {"elapsed_s": time.perf_counter() - t0, **last_eval})
+    finally:
+        capture.remove()
+
+    summary = {"steps": cfg.steps, "train_time_s": round(time.perf_counter() - t0, 1), **last_eval}
+    if ship:
+        ship_model(model, processor, Path(cfg.out), {"config": asdict(cfg), **summary})
+    return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be recomputed identically)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def ship_model(model: nn.Module, processor, out: Path, summary: dict[str, Any]) -> None:
+    """Save the model (safetensors, no heads), processor, tokenizer and chat template to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name != "spec":
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
+                           default=getattr(defaults, f.name))
+    for f in fields(ModelSpec):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(defaults.spec, f.name))
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--no-ship", action="store_true", help="do not write the final model to --out")
+    args = vars(p.parse_args(argv))
+    fresh, no_ship = args.pop("fresh"), args.pop("no_ship")
+    spec = ModelSpec(**{f.name: args.pop(f.name) for f in fields(ModelSpec)})
+    cfg = replace(TrainConfig(**args), spec=spec)
+    summary = train(cfg, fresh=fresh, ship=not no_ship)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
