@@ -205,17 +205,20 @@ def test_generate_matches_uncached_reference(model, case: MethodCase):
 
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_manual_decode_loop_matches_generate(model):
-    """A hand-written cached loop (position_ids=None, as HF's own models default) equals generate()."""
+    """A hand-written cached loop (no position_ids, no mask: the model derives them, as HF's own models
+    do) equals generate(), logits included."""
     inputs = make_inputs(model, rows_for(model)[:1])
     with vtprune.prune(model, "kcenter", ratio=0.5):
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-            cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+            cache, logits = out.past_key_values, [out.logits[:, -1]]
             for _ in range(2):
-                out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
-                tokens.append(out.logits[:, -1].argmax(-1))
-    assert torch.equal(torch.stack(tokens, 1), gen[:, -3:])
+                out = model(input_ids=logits[-1].argmax(-1)[:, None], past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+    for a, b in zip(logits, gen.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
 # 6. a padded batch gives each row what it gets alone ----------------------------------------------------
