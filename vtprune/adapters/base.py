@@ -66,6 +66,8 @@ class Adapter:
     modalities: ClassVar[dict[str, tuple[str, str]]] = {"image": ("get_image_features", "image_token_id")}
     # the VLM derives decode positions from the cache length when given none (Qwen's rope_deltas)
     derives_decode_positions: ClassVar[bool] = False
+    # the feature call returns tiles, and an image is a contiguous run of placeholders (InternVL)
+    images_are_runs: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset({"vision", "input", "layer"})
     signals: ClassVar[frozenset[str]] = frozenset()
     has_cls: ClassVar[bool] = False
@@ -159,6 +161,14 @@ class Adapter:
     def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
         """(n_vit, Dk) keys (heads concatenated) of a ViT attention layer."""
         raise NotImplementedError
+
+    def rows_to_tokens(self, record: VisionRecord, rows: torch.Tensor) -> torch.Tensor:
+        """Map a per-ViT-row signal (n_vit, C) onto the record's LLM tokens (n_tokens, C), in order.
+        Default: each token reads its ``src`` row (structural tokens read zeros). Adapters whose tokens pool
+        or interpolate several ViT rows push the values through the model's own pooling instead."""
+        src = torch.cat([im.src for im in record.images]).to(rows.device)
+        out = rows[src.clamp(min=0)]
+        return out.masked_fill((src < 0)[:, None], 0)
 
     def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor) -> torch.Tensor:
         """(..., Dfeat) projector inputs of the LLM tokens whose ViT source rows are ``src`` (...)."""

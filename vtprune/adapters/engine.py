@@ -63,6 +63,7 @@ class Layout:
     src: torch.Tensor  # long: row of the flattened ViT token array (-1 none)
     grid: torch.Tensor  # (B, L, 3) long
     line: torch.Tensor  # long: canvas-row id for the newline rule (-1 none)
+    vtok: torch.Tensor  # long: index of the visual token in layout order (records, images, tokens); -1 text
 
 
 @dataclass
@@ -329,7 +330,7 @@ class Engine:
         B, L = first.shape
         dev = first.device
         visual = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        fields = {k: torch.full((B, L), -1, dtype=torch.long, device=dev) for k in ("image", "src", "line")}
+        fields = {k: torch.full((B, L), -1, dtype=torch.long, device=dev) for k in ("image", "src", "line", "vtok")}
         fields["frame"] = torch.zeros(B, L, dtype=torch.long, device=dev)
         grid = torch.full((B, L, 3), -1, dtype=torch.long, device=dev)
         records: list[VisionRecord] = []
@@ -362,12 +363,18 @@ class Engine:
                 lines.append(torch.where(im.line >= 0, im.line + line_offset, im.line))
                 line_offset += int(im.line.max()) + 1 if im.line.numel() and im.line.max() >= 0 else 0
             fields["line"][mask] = cat(lines)
+            fields["vtok"][mask] = torch.arange(n_visual, device=dev) + int(visual.sum())
             visual |= mask
             n_images += len(record.images)
             vit_offset += record.n_vit
             records.append(record)
+        if self.adapter.images_are_runs:  # one image = one contiguous run of placeholders (InternVL tiles)
+            start = visual & ~torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=dev), visual[:, :-1]], 1)
+            run = torch.cumsum(start.reshape(-1).long(), 0).reshape(B, L) - 1
+            fields["image"] = torch.where(visual, run, -1)
         layout = Layout(visual=visual, cand=visual & fields["src"].ne(-1), image=fields["image"],
-                        frame=fields["frame"], src=fields["src"], grid=grid, line=fields["line"])
+                        frame=fields["frame"], src=fields["src"], grid=grid, line=fields["line"],
+                        vtok=fields["vtok"])
         return layout, records
 
     def _prefill(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -864,26 +871,26 @@ class _StageView:
             raise RuntimeError("vision-tower signals are unavailable for these tokens (no feature call seen)")
         return src
 
-    def _per_record(self, key: Any, fn: Callable[[VisionRecord], torch.Tensor]) -> torch.Tensor:
-        """Concatenate a per-ViT-row signal over the forward's records (cached per forward)."""
-        if key not in self.fwd.cache:
-            parts = []
-            for record in self.fwd.records:
-                parts.append(fn(record).reshape(record.n_vit, -1))
-            self.fwd.cache[key] = torch.cat(parts)
-        return self.fwd.cache[key]
-
     def _stash(self, record: VisionRecord, key: Any) -> torch.Tensor:
         if key not in record.stash:
             raise RuntimeError(f"vision-tower signal {key!r} was not captured; was the feature call made?")
         return record.stash[key]
 
     def _vit_signal(self, name: str, sig: Signals, vit_layer: int | None) -> torch.Tensor:
+        """A per-ViT-row signal mapped onto the LLM tokens by the adapter (gather, pooling, packing)."""
         h = self.adapter.feature_hidden_index(vit_layer)
         attn = self.adapter.vit_attention(h)
         compute = getattr(self.adapter, name)
-        flat = self._per_record((name, h), lambda r: compute(attn, self._stash(r, ("vit_in", h)), r))
-        return flat.to(sig.device)[self._vit_rows(sig)]  # (S, N, ...)
+        key = (name, h)
+        if key not in self.fwd.cache:
+            parts = []
+            for r in self.fwd.records:
+                rows = compute(attn, self._stash(r, ("vit_in", h)), r).reshape(r.n_vit, -1)  # (n_vit, C)
+                parts.append(self.adapter.rows_to_tokens(r, rows))  # (tokens of r, C)
+            self.fwd.cache[key] = torch.cat(parts)
+        self._vit_rows(sig)  # raises if a token has no known vision-tower source
+        vtok = self.fwd.layout.vtok[sig.rows[:, None], self._orig_of(sig)]  # (S, N)
+        return self.fwd.cache[key].to(sig.device)[vtok]  # (S, N, C)
 
     def _sig_cls_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
         return self._vit_signal("cls_attention", sig, vit_layer)[..., 0]  # (S, N)

@@ -14,6 +14,16 @@ import torch.nn as nn
 from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 
 
+def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tensor:
+    """(n, H, T, d) queries (or keys) of a dense ViT attention layer from its normed input x (n, T, Dv)."""
+    n, T, _ = x.shape
+    proj, norm = (attn.k_proj, getattr(attn, "k_norm", None)) if key else (attn.q_proj, getattr(attn, "q_norm", None))
+    y = proj(x)
+    if norm is not None:  # InternViT normalises the full projection before splitting heads
+        y = norm(y)
+    return y.view(n, T, attn.num_heads, -1).transpose(1, 2)
+
+
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
@@ -45,30 +55,25 @@ class LlavaAdapter(Adapter):
         P = patches if strategy == "default" else T
         return T, P, T - P
 
+    # The per-tile ViT signals below work for every dense ViT attention with q_proj / k_proj (CLIP, SigLIP,
+    # InternViT with its optional q/k norms); they return one value per ViT token of every tile.
     def cls_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
         x = cap["x"]  # (n_tiles, T, Dv)
-        n, T, _ = x.shape
-        H, d = attn.num_heads, attn.head_dim
-        q = attn.q_proj(x[:, :1]).view(n, 1, H, d).transpose(1, 2)  # (n, H, 1, d)
-        k = attn.k_proj(x).view(n, T, H, d).transpose(1, 2)  # (n, H, T, d)
+        q, k = dense_qk(attn, x[:, :1]), dense_qk(attn, x, key=True)  # (n, H, 1, d), (n, H, T, d)
         probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (n, H, 1, T)
         return probs[:, :, 0].mean(1).reshape(-1)  # (n * T,)
 
     def received_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
-        x = cap["x"]  # (n_tiles, T, Dv)
-        n, T, _ = x.shape
-        H, d = attn.num_heads, attn.head_dim
         out = []
-        for tile in x.split(1):  # one tile at a time bounds memory at H x T x T
-            q = attn.q_proj(tile).view(1, T, H, d).transpose(1, 2).float()
-            k = attn.k_proj(tile).view(1, T, H, d).transpose(1, 2).float()
+        for tile in cap["x"].split(1):  # one tile at a time bounds memory at H x T x T
+            q, k = dense_qk(attn, tile).float(), dense_qk(attn, tile, key=True).float()  # (1, H, T, d)
             probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (1, H, T, T)
             out.append(probs.mean(dim=(1, 2)))  # (1, T): mean over heads and queries
         return torch.cat(out).reshape(-1)  # (n * T,)
 
     def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
-        x = cap["x"]
-        return attn.k_proj(x).reshape(-1, x.shape[-1])  # (n * T, Dv)
+        k = dense_qk(attn, cap["x"], key=True)  # (n, H, T, d)
+        return k.transpose(1, 2).reshape(-1, k.shape[1] * k.shape[3])  # (n * T, H * d)
 
     def _tile_layout(self, tile: int, T: int, P: int) -> ImageLayout:
         """One tile's projector tokens: [CLS] first for ``full`` (group -1), then the patch grid."""
