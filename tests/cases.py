@@ -39,19 +39,25 @@ METHOD_CASES = [
     MethodCase("kcenter-global", "kcenter", {"ratio": 0.75, "budget": "global"}),
 ]
 
-ADAPTER_CASES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+ADAPTER_CASES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl",
+                 "qwen3_vl"]
 ATTN = ["sdpa", "eager"]
 
 # Two prompts of different lengths (and, for LLaVA-NeXT / Qwen, different image grids): pruning leaves
 # the rows with different lengths, so the batch exercises re-padding. Qwen rows also carry a video.
 ROWS = [Row(before=3, after=4, seed=0, image_size=(40, 50)), Row(before=6, after=2, seed=1, image_size=(56, 28))]
-_QWEN_ROWS = [ROWS[0], Row(before=6, after=2, seed=1, image_size=(56, 28), video_frames=4)]
+_VIDEO_ROWS = [ROWS[0], Row(before=6, after=2, seed=1, image_size=(56, 28), video_frames=4)]
+# OneVision: a canvas beyond 9 tiles' worth is bilinearly down-sampled (anyres_max_9): exercise it
+_ONEVISION_ROWS = [Row(before=3, after=4, seed=0, image_size=(200, 210)), _VIDEO_ROWS[1]]
 # A prompt with two images (spans of one sample).
 TWO_IMAGES = Row(before=2, after=3, seed=2, images=2, image_size=(30, 30))
 
 
 def rows_for(model) -> list[Row]:
-    return _QWEN_ROWS if model.config.model_type.startswith("qwen") else ROWS
+    kind = model.config.model_type
+    if kind == "llava_onevision":
+        return _ONEVISION_ROWS
+    return _VIDEO_ROWS if kind.startswith("qwen") or kind == "llava_next_video" else ROWS
 
 
 def visual_of(model, input_ids):

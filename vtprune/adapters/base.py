@@ -53,7 +53,7 @@ class VisionRecord:
     tokens_per_tile: int = 0  # ViT sequence length per tile, CLS included (LLaVA-style towers)
     features_per_tile: int = 0  # tokens per tile fed to the projector (CLS dropped by "default")
     stash: dict[str, Any] = field(default_factory=dict)
-    features: list[Any] = field(default_factory=list)  # the per-image feature tensors returned (identity)
+    produced: list[ImageLayout] = field(default_factory=list)  # ``images`` as the call produced them
     meta: dict[str, Any] = field(default_factory=dict)  # adapter-specific (e.g. Qwen2.5-VL window order)
 
 
@@ -162,16 +162,21 @@ class Adapter:
         """(n_vit, Dk) keys (heads concatenated) of a ViT attention layer."""
         raise NotImplementedError
 
-    def rows_to_tokens(self, record: VisionRecord, rows: torch.Tensor) -> torch.Tensor:
-        """Map a per-ViT-row signal (n_vit, C) onto the record's LLM tokens (n_tokens, C), in order.
-        Default: each token reads its ``src`` row (structural tokens read zeros). Adapters whose tokens pool
-        or interpolate several ViT rows push the values through the model's own pooling instead."""
-        src = torch.cat([im.src for im in record.images]).to(rows.device)
-        out = rows[src.clamp(min=0)]
-        return out.masked_fill((src < 0)[:, None], 0)
+    def rows_to_tokens(self, record: VisionRecord, rows: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        """Map a per-ViT-row signal (n_vit, C) onto LLM tokens: one (n_i, C) tensor per image of
+        ``record.produced``. ``kind`` is "score" (attention mass: pooled tokens add or pool their patches'
+        scores) or "feature" (pooled tokens concatenate or pool their patches' vectors). Default: each
+        token reads its ``src`` row (structural tokens read zeros); adapters whose tokens merge several ViT
+        rows override this with the model's own pooling."""
+        out = []
+        for im in record.produced:
+            src = im.src.to(rows.device)
+            out.append(rows[src.clamp(min=0)].masked_fill((src < 0)[:, None], 0))
+        return out
 
-    def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor) -> torch.Tensor:
-        """(..., Dfeat) projector inputs of the LLM tokens whose ViT source rows are ``src`` (...)."""
+    def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """(..., Dfeat) projector inputs of LLM tokens given their ViT source rows ``src`` and their index
+        ``local`` among the record's tokens (the projector may run before packing or after pooling)."""
         feats = record.stash["features"]  # (n_tiles, P, Dv)
         T, P = record.tokens_per_tile, record.features_per_tile
         rows = (src // T) * P + (src % T) - (T - P)  # projector-input row of each ViT token

@@ -182,6 +182,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+def _expanded(images: list, mask: torch.Tensor, factor: int) -> list:
+    """generate() encodes the images once, then repeats every sample ``factor`` times (beams,
+    ``num_return_sequences``): rows s*factor .. s*factor+factor-1 all show sample s's images. Repeat the
+    layouts the same way (HF's ``_expand_multimodal_outputs``), grouping images per sample by token count."""
+    B = mask.shape[0]
+    if B % factor:
+        return images
+    counts = mask.sum(1).tolist()
+    out, i = [], 0
+    for s in range(B // factor):
+        need, group = counts[s * factor], []
+        while need > 0 and i < len(images):
+            group.append(images[i])
+            need -= images[i].num_tokens
+            i += 1
+        out += group * factor
+    return out
+
+
 class Engine:
     """Installs the hooks for one ``prune()`` call and runs the steps. One per handle."""
 
@@ -249,8 +268,7 @@ class Engine:
                 finally:
                     self._pending = None
                 self.adapter.image_layouts(modality, args, kwargs, out, record)
-                pooled = getattr(out, "pooler_output", None)
-                record.features = list(pooled) if isinstance(pooled, (list, tuple)) else []
+                record.produced = list(record.images)
                 self._vision[modality] = record
                 return out
 
@@ -298,17 +316,6 @@ class Engine:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._embeds_in = kwargs.get("inputs_embeds")
         self._vlm_gave_positions = kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None
-        for modality, record in self._vision.items():
-            encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality)
-            if encoded is None or not record.features:
-                continue
-            # generate() may repeat images for beams / num_return_sequences after encoding them; follow it
-            # by tensor identity so each placeholder run keeps its own image's layout.
-            pooled = getattr(encoded, "pooler_output", None)
-            by_id = {id(t): im for t, im in zip(record.features, record.images)}
-            if isinstance(pooled, (list, tuple)) and all(id(t) in by_id for t in pooled):
-                record.images = [by_id[id(t)] for t in pooled]
-                record.features = list(pooled)
 
     # ================================================================== LLM input
     def _on_lm(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -348,6 +355,9 @@ class Engine:
                         f"{self.adapter.modalities[modality][0]} call; pass the pixel values so the layout is known"
                     )
             n_feat = sum(im.num_tokens for im in record.images)
+            if n_feat != n_visual and n_feat and n_visual % n_feat == 0:
+                record.images = _expanded(record.images, mask, n_visual // n_feat)
+                n_feat = sum(im.num_tokens for im in record.images)
             if n_feat != n_visual:
                 raise ValueError(f"{modality} placeholders and features do not match: {n_visual} placeholder "
                                  f"tokens, {n_feat} features")
@@ -886,7 +896,10 @@ class _StageView:
             parts = []
             for r in self.fwd.records:
                 rows = compute(attn, self._stash(r, ("vit_in", h)), r).reshape(r.n_vit, -1)  # (n_vit, C)
-                parts.append(self.adapter.rows_to_tokens(r, rows))  # (tokens of r, C)
+                kind = "feature" if name == "vit_keys" else "score"
+                blocks = self.adapter.rows_to_tokens(r, rows, kind)  # per produced image: (n_i, C)
+                by_layout = {id(im): blk for im, blk in zip(r.produced, blocks)}
+                parts += [by_layout[id(im)] for im in r.images]  # follows generate()'s repetition
             self.fwd.cache[key] = torch.cat(parts)
         self._vit_rows(sig)  # raises if a token has no known vision-tower source
         vtok = self.fwd.layout.vtok[sig.rows[:, None], self._orig_of(sig)]  # (S, N)
@@ -903,14 +916,16 @@ class _StageView:
 
     def _sig_vit_features(self, sig: Signals) -> torch.Tensor:
         src = self._vit_rows(sig)  # (S, N) global ViT rows
-        out = None
-        offset = 0
+        vtok = self.fwd.layout.vtok[sig.rows[:, None], self._orig_of(sig)]  # (S, N) global token index
+        out, row_off, tok_off = None, 0, 0
         for record in self.fwd.records:
-            inside = (src >= offset) & (src < offset + record.n_vit)
+            n_tok = sum(im.num_tokens for im in record.images)
+            inside = (vtok >= tok_off) & (vtok < tok_off + n_tok)
             if bool(inside.any()):
-                rows = self.adapter.vit_feature_rows(record, (src - offset).clamp(0, record.n_vit - 1))
+                rows = self.adapter.vit_feature_rows(record, (src - row_off).clamp(0, record.n_vit - 1),
+                                                     (vtok - tok_off).clamp(0, n_tok - 1))
                 out = rows if out is None else torch.where(inside[..., None], rows, out)
-            offset += record.n_vit
+            row_off, tok_off = row_off + record.n_vit, tok_off + n_tok
         return out.to(sig.device)  # (S, N, Dfeat)
 
     def _sig_projector(self, sig: Signals) -> Callable[[torch.Tensor], torch.Tensor]:

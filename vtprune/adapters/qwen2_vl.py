@@ -109,7 +109,7 @@ class Qwen2VLAdapter(Adapter):
         record.n_vit = offset
         record.meta["unit_rows"] = self.unit_rows(grid_thw)
 
-    def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor) -> torch.Tensor:
+    def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         feats = record.stash["features"]  # (n_patches, Dv) merger input, in the ViT's own order
         units = feats.reshape(record.n_vit, -1)  # (n_units, merge^2 * Dv): the 2x2 patches of a merged token
         order = record.meta.get("unit_rows")

@@ -15,7 +15,9 @@ import transformers as T
 
 PAD, BOS, EOS, IMAGE, VIDEO, VSTART, VEND, TIMESTAMP = 0, 1, 2, 500, 501, 502, 503, 504
 VOCAB = 512
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl",
+                             "qwen2_5_vl", "qwen3_vl")
+ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -44,6 +46,34 @@ def build(family: str, attn: str = "sdpa", *, seed: int = 0, dtype: torch.dtype 
                                 image_token_index=IMAGE, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
                                 vision_feature_select_strategy="default", vision_feature_layer=-2)
         cls = T.LlavaNextForConditionalGeneration
+    elif family == "llava_next_video":
+        cfg = T.LlavaNextVideoConfig(vision_config=_clip_config(56), text_config=_text_config(text_layers),
+                                     image_token_index=IMAGE, video_token_index=VIDEO, spatial_pool_stride=2,
+                                     image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                                     vision_feature_select_strategy="default", vision_feature_layer=-2)
+        cls = T.LlavaNextVideoForConditionalGeneration
+    elif family == "llava_onevision":
+        siglip = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      image_size=56, patch_size=14, vision_use_head=False)
+        text = T.Qwen2Config(**{k: v for k, v in _text_config(text_layers).to_dict().items()
+                                if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                         "bos_token_id", "eos_token_id", "pad_token_id")})
+        # pinpoints up to 4x4 tiles: a large canvas exceeds 9 tiles' worth and is down-sampled (anyres_max_9)
+        cfg = T.LlavaOnevisionConfig(vision_config=siglip, text_config=text, image_token_index=IMAGE,
+                                     video_token_index=VIDEO, vision_feature_select_strategy="full",
+                                     vision_feature_layer=-1,
+                                     image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112], [224, 224]])
+        cls = T.LlavaOnevisionForConditionalGeneration
+    elif family == "internvl":
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      image_size=112, patch_size=14)
+        text = T.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+        cfg = T.InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, downsample_ratio=0.5,
+                               vision_feature_layer=-1, vision_feature_select_strategy="default")
+        cls = T.InternVLForConditionalGeneration
     elif family in QWEN:
         cfg, cls = _qwen_config(family, text_layers)
     else:
@@ -98,7 +128,7 @@ class Row:
     after: int = 4
     image_size: tuple[int, int] = (40, 50)  # LLaVA-NeXT: original (H, W); Qwen: grid from qwen_grid()
     images: int = 1
-    video_frames: int = 0  # Qwen: frames of one video after the image(s) (a multiple of 2)
+    video_frames: int = 0  # frames of one video after the image(s) (Qwen: a multiple of 2)
     seed: int = 0
     ids: list[int] = field(default_factory=list)
 
@@ -109,9 +139,20 @@ def qwen_grid(model: torch.nn.Module, image_size: tuple[int, int]) -> tuple[int,
     return 2 * math.ceil(image_size[0] / p), 2 * math.ceil(image_size[1] / p)
 
 
+def internvl_tiles(image_size: tuple[int, int]) -> int:
+    """Tiles of a tiny InternVL image (the real processor picks them from the aspect ratio)."""
+    return 1 + (image_size[0] // 28) % 3
+
+
 def image_tokens(model: torch.nn.Module, image_size: tuple[int, int] | None = None) -> int:
     """Number of LLM tokens one image becomes."""
     cfg = model.config
+    if cfg.model_type == "internvl":
+        side = cfg.vision_config.image_size
+        side = side[0] if isinstance(side, (list, tuple)) else side
+        patch = cfg.vision_config.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        return internvl_tiles(image_size) * int((side // patch) * cfg.downsample_ratio) ** 2
     if cfg.model_type in QWEN:
         h, w = qwen_grid(model, image_size)
         return h * w // 4
@@ -160,14 +201,28 @@ def make_inputs(model: torch.nn.Module, rows: Sequence[Row], padding: str = "lef
                 ids += [IMAGE] * image_tokens(model)
                 px = cfg.vision_config.image_size
                 pixels.append(torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(seed)).to(model.dtype))
+            elif cfg.model_type == "internvl":
+                ids += [VSTART] + [IMAGE] * image_tokens(model, row.image_size) + [VEND]
+                px = cfg.vision_config.image_size
+                px = px[0] if isinstance(px, (list, tuple)) else px
+                pixels.append(torch.randn(internvl_tiles(row.image_size), 3, px, px,
+                                          generator=torch.Generator().manual_seed(seed)).to(model.dtype))
             else:
                 ids += [IMAGE] * image_tokens(model, row.image_size)
                 pv, sz = _next_pixels(model, [row.image_size], seed=seed)
                 pixels.append(pv)
                 sizes.append(sz)
-        if row.video_frames:
-            if not qwen:
-                raise ValueError(f"make_inputs: videos are only built for Qwen families, not {cfg.model_type}")
+        if row.video_frames and not qwen:
+            if cfg.model_type not in ("llava_next_video", "llava_onevision"):
+                raise ValueError(f"make_inputs: {cfg.model_type} takes no video")
+            px = cfg.vision_config.image_size
+            side = px // cfg.vision_config.patch_size
+            per_frame = (side // cfg.spatial_pool_stride) ** 2 if cfg.model_type == "llava_next_video" else (
+                -(-side // 2)) ** 2
+            ids += [VIDEO] * (row.video_frames * per_frame + (cfg.model_type == "llava_onevision"))
+            g = torch.Generator().manual_seed(3000 + row.seed)
+            videos.append(torch.randn(1, row.video_frames, 3, px, px, generator=g).to(model.dtype))
+        elif row.video_frames:
             t = row.video_frames // cfg.vision_config.temporal_patch_size
             h, w = qwen_grid(model, row.image_size)
             per_frame = [VSTART] + [VIDEO] * (h * w // 4) + [VEND]
@@ -194,11 +249,15 @@ def make_inputs(model: torch.nn.Module, rows: Sequence[Row], padding: str = "lef
             out["pixel_values"], out["image_grid_thw"] = torch.cat(pixels), torch.cat(sizes)
         if videos:
             out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), torch.cat(vgrids)
-    elif cfg.model_type == "llava":
+    elif cfg.model_type in ("llava", "internvl"):
         out["pixel_values"] = torch.cat(pixels)
     else:
         tiles = max(p.shape[1] for p in pixels)
         out["pixel_values"] = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1]))
                                          for p in pixels])
         out["image_sizes"] = torch.cat(sizes)
+        if videos:
+            frames = max(v.shape[1] for v in videos)
+            assert all(v.shape[1] == frames for v in videos), "videos of one batch need the same frame count"
+            out["pixel_values_videos"] = torch.cat(videos)
     return out
