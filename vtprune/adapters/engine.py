@@ -113,6 +113,7 @@ def _take(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     batch dim of 1, as in the (1, L, d) rotary tables of an unpadded batch)."""
     if x.shape[0] == 1 and index.shape[0] > 1:
         x = x.expand(index.shape[0], *x.shape[1:])
+    index = index.to(x.device)  # layers of a device_map split live on different devices
     shape = list(index.shape) + [1] * (x.dim() - dim - 1)
     idx = index.reshape(shape).expand(*index.shape, *x.shape[dim + 1 :])
     return x.gather(dim, idx)
@@ -120,6 +121,7 @@ def _take(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def take_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather position ids of shape (B, L) or (R, B, L) (M-RoPE rows) with a (B, L') index."""
+    index = index.to(pos.device)
     if pos.dim() == 2:
         return pos.expand(index.shape[0], -1).gather(1, index)
     return pos.gather(2, index.unsqueeze(0).expand(pos.shape[0], -1, -1))
@@ -138,6 +140,8 @@ def take_mask(
     ``kv_index`` (B, KV') selects keys, ``kv_valid`` (B, KV') masks padding slots, ``q_index`` (B, Q')
     selects query rows of a 4-D mask.
     """
+    kv_index, kv_valid = kv_index.to(mask.device), kv_valid.to(mask.device)
+    q_index = None if q_index is None else q_index.to(mask.device)
     if mask.dim() == 2:
         out = mask.gather(1, kv_index)
         return out.masked_fill(~kv_valid, 0)
@@ -583,7 +587,8 @@ class Engine:
         if mask is not None:
             new["attention_mask"] = take_mask(mask, index, m.valid, q_index=index)
         elif bool((~m.valid).any()):
-            new["attention_mask"] = build_mask(self.adapter.attn_implementation(), m.valid, index.shape[1], hidden.dtype)
+            valid = m.valid.to(hidden.device)
+            new["attention_mask"] = build_mask(self.adapter.attn_implementation(), valid, index.shape[1], hidden.dtype)
         fwd.kwargs_memo[key] = new
         return new
 
@@ -610,6 +615,7 @@ class Engine:
             if mask is not None:
                 new["attention_mask"] = take_mask(mask, kv_index, kv_valid)
             elif bool((~m.valid).any()):
+                kv_valid = kv_valid.to(hidden.device)
                 new["attention_mask"] = build_mask(self.adapter.attn_implementation(), kv_valid, q, hidden.dtype)
             shift = sum(s for k, s in gen.layer_shift.items() if k <= l) if gen.layer_shift else None
             if shift is not None and kwargs.get("position_ids") is not None:
@@ -818,7 +824,7 @@ class _StageView:
         key = ("text_attention", self.step.layer, query, per_head)
         if key not in self.fwd.cache:
             self.fwd.cache[key] = self._text_attention(query, per_head)
-        scores = self.fwd.cache[key]  # (B, Lc) or (B, H, Lc)
+        scores = self.fwd.cache[key].to(sig.device)  # (B, Lc) or (B, H, Lc)
         slots = self._captured(sig)
         if per_head:
             return scores[sig.rows[:, None], :, slots].transpose(1, 2)  # (S, H, N)
@@ -832,7 +838,7 @@ class _StageView:
         attn = self.adapter.decoder_layers[K - 1].self_attn
         x, (cos, sin) = cap["x"], cap["pe"]  # (B, Lc, D), (B, Lc, d)
         B, Lc, _ = x.shape
-        attend = self.engine._attend(self.fwd, self.prev)  # (B, Lc) in captured coordinates
+        attend = self.engine._attend(self.fwd, self.prev).to(x.device)  # (B, Lc) in captured coordinates
         ar = torch.arange(Lc, device=x.device)
         if query == "last":
             q_idx = (attend.long() * (ar + 1)).argmax(1, keepdim=True)  # (B, 1) last attended token
@@ -840,7 +846,7 @@ class _StageView:
         elif query == "instruction":
             lay = self.fwd.layout
             cap_orig = self.fwd.base.index.clamp(min=0).gather(1, self.prev.index.clamp(min=0))
-            vis = lay.visual.gather(1, cap_orig)  # (B, Lc)
+            vis = lay.visual.gather(1, cap_orig).to(x.device)  # (B, Lc)
             last_vis = (vis.long() * (ar + 1)).argmax(1, keepdim=True)
             sel = attend & ~vis & (ar[None] > last_vis)
             sel = torch.where(sel.any(1, keepdim=True), sel, attend & ~vis)
