@@ -659,21 +659,25 @@ class Engine:
         for c in counts_l[:-1]:
             starts.append(starts[-1] + c)
         rows_l = b_idx[torch.tensor(starts, dtype=torch.long, device=device)].tolist() if counts_l else []
+        span_keys = keys[torch.tensor(starts, dtype=torch.long, device=device)].tolist() if counts_l else []
+        original = self._original_span_sizes(fwd, policy)  # span key -> candidates in the prompt
         view = _StageView(self, fwd, step, orig, tokens, local, prev)
         keep = cur.valid & ~cand  # text, structural tokens, original padding
         before = cand.sum(1).tolist()
         groups: dict[tuple[int, int], list[int]] = {}
         ordinals, seen = [], {}
         span_stats = []
+        method = step.method
         for s, (n, r) in enumerate(zip(counts_l, rows_l)):
             ordinals.append(seen.get(r, 0))
             seen[r] = ordinals[-1] + 1
-            k = step.budget.count(n)
+            k = min(n, method.keep_count(step.budget, n, original.get(span_keys[s], n), self.adapter.num_layers,
+                                         step.layer))
             first = p_idx[starts[s]]
             span_stats.append(SpanStats(row=r, image=int(lay.image[r, orig[r, first]]),
                                         frame=int(lay.frame[r, orig[r, first]]) if policy == "per_frame" else -1,
                                         n=n, kept=k))
-            if k >= n:
+            if k >= n and not method.gate:
                 keep[r, p_idx[starts[s] : starts[s] + n]] = True
             else:
                 groups.setdefault((n, k), []).append(s)
@@ -683,14 +687,24 @@ class Engine:
             rows = torch.tensor([rows_l[s] for s in spans], device=device)  # (S,)
             sig = Signals(view, stage=step.label.split(":")[0], layer=step.layer, rows=rows, positions=pos,
                           ordinals=torch.tensor([ordinals[s] for s in spans], device=device))
-            out = step.method.select(sig, k)
+            out = method.select(sig, k)
             sel, values = (out.index, out.values) if isinstance(out, Selection) else (out, None)
             self._check_selection(step, sel, len(spans), n, k)
             kept = pos.gather(1, sel.to(device))  # (S, k) current positions
-            keep[rows[:, None].expand_as(kept), kept] = True
-            if values is not None:
-                merged.append((rows[:, None].expand_as(kept), kept, values))
-        if not groups:
+            drop = out.drop if isinstance(out, Selection) and out.drop is not None else None
+            if drop is not None:  # a gate dropped these whole spans (e.g. ToDRE's information migration)
+                drop = drop.to(device)
+                kept = kept[~drop]
+                for j in drop.nonzero()[:, 0].tolist():
+                    span_stats[spans[j]].kept = 0
+                rows_kept, values = rows[~drop], (values[~drop.to(values.device)] if values is not None else None)
+            else:
+                rows_kept = rows
+            if kept.numel():
+                keep[rows_kept[:, None].expand_as(kept), kept] = True
+            if values is not None and kept.numel():
+                merged.append((rows_kept[:, None].expand_as(kept), kept, values))
+        if not groups or bool(keep.eq(cur.valid).all()):
             self._record_stage(stats, step, before, before, span_stats, t0, device)
             return None
         # AnyRes rule: a structural (newline) token survives iff its canvas row keeps a candidate.
@@ -715,6 +729,21 @@ class Engine:
         after = (cand & keep).sum(1).tolist()
         self._record_stage(stats, step, before, after, span_stats, t0, device)
         return order, new_valid, values_out
+
+    def _original_span_sizes(self, fwd: Forward, policy: str) -> dict[int, int]:
+        """Candidates of every span in the prompt, before any stage (methods budget against it)."""
+        key = ("span_sizes", policy)
+        if key not in fwd.cache:
+            lay = fwd.layout
+            if policy == "per_frame":
+                k0 = lay.image * 1_000_000 + lay.frame
+            elif policy == "per_image":
+                k0 = lay.image
+            else:
+                k0 = torch.arange(lay.cand.shape[0], device=lay.cand.device)[:, None].expand_as(lay.cand)
+            u, c = torch.unique(k0[lay.cand], return_counts=True)
+            fwd.cache[key] = dict(zip(u.tolist(), c.tolist()))
+        return fwd.cache[key]
 
     @staticmethod
     def _check_selection(step: Step, sel: torch.Tensor, S: int, n: int, k: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vtprune.budget import check_keep, check_ratio
+from vtprune.budget import Budget, check_keep, check_ratio
 from vtprune.signals import Signals
 from vtprune.types import SIGNALS, STAGES
 
@@ -27,6 +27,7 @@ class Selection:
 
     index: torch.Tensor  # (S, k) candidate indices
     values: torch.Tensor | None = None  # (S, k, D) replacement token representations, or None
+    drop: torch.Tensor | None = None  # (S,) bool: drop these spans entirely (gates only)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,7 @@ class Method:
     pre_llm_ok: ClassVar[bool] = True  # may act before the LLM
     requires: ClassVar[frozenset[str]] = frozenset()
     scored_at_previous_layer: ClassVar[bool] = False  # reads layer K-1, so K >= 1
+    gate: ClassVar[bool] = False  # select() runs even when the budget keeps everything (may drop spans)
     version: ClassVar[int] = 1
 
     ratio: float | None = None
@@ -84,6 +86,12 @@ class Method:
     def required_signals(self, has_cls: bool) -> frozenset[str]:
         """The signals this configuration reads on a tower with / without [CLS] (default: ``requires``)."""
         return self.requires
+
+    def keep_count(self, budget: Budget, n: int, n0: int, num_layers: int, layer: int | None) -> int:
+        """Tokens a span keeps at this method's stage (``layer``: the decoder layer, None before the LLM):
+        ``n`` candidates now, ``n0`` in the prompt. The default is the budget's count of ``n``; methods
+        whose papers count differently (average budgets, schedules, pivots) override it."""
+        return budget.count(n)
 
     def validate(self) -> None:
         """Check method-specific fields; raise ValueError naming the bad value."""
