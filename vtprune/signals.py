@@ -144,14 +144,40 @@ class Signals:
         """((S, T, D) embeddings, (S, T) bool mask) of the text tokens after the sample's visual tokens."""
         return self._get("instruction")
 
-    def text_attention(self, query: str = "last", *, per_head: bool = False) -> torch.Tensor:
-        """Attention of text queries to each candidate at decoder layer K-1, from that layer's q/k.
+    def text_attention(self, query: str = "last", *, per_head: bool = False, layer: str = "prev") -> torch.Tensor:
+        """Attention of text queries to each candidate, recomputed from q/k of one decoder layer.
 
         ``query="last"``: the last prompt token (FastV); ``"instruction"``: mean over the text tokens
-        after the visual tokens. Returns (S, N), or (S, H, N) with ``per_head=True``. Never builds the
-        full L x L map: only the query rows are computed.
+        after the visual tokens. ``layer="prev"``: decoder layer K-1 (as it ran); ``"self"``: layer K on
+        its own input, before it runs (TransPrune's IGA). Returns (S, N), or (S, H, N) with
+        ``per_head=True``. Never builds the full L x L map: only the query rows are computed.
         """
-        return self._get("text_attention", query=query, per_head=per_head)
+        return self._get("text_attention", query=query, per_head=per_head, layer=layer)
+
+    @cached_property
+    def prev_queries(self) -> torch.Tensor:
+        """(S, N, H, d) post-RoPE queries of decoder layer K-1 at the candidates (EntropyPrune)."""
+        return self._get("prev_queries")
+
+    def prev_keys(self, part: str = "visual") -> Any:
+        """Post-RoPE keys of decoder layer K-1 before GQA repetition: (S, N, Hkv, d) at the candidates,
+        or ((S, T, Hkv, d), (S, T) mask) for ``part="text"``, the text after each span (DART)."""
+        return self._get("prev_keys", part=part)
+
+    @cached_property
+    def text_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S, T, D), (S, T) mask): the stage's representation of the text after each span."""
+        return self._get("text_tokens")
+
+    @cached_property
+    def final_norm(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The LLM's final norm (DART compares hidden states after it)."""
+        return self._get("final_norm")
+
+    @cached_property
+    def instruction_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S, T) token ids, (S, T) mask) of the text after the sample's visual tokens."""
+        return self._get("instruction_ids")
 
     @cached_property
     def hidden_prev(self) -> torch.Tensor:

@@ -27,6 +27,11 @@ SIGNALS: tuple[str, ...] = (
     "instruction",  # embeddings of the text tokens that follow the visual tokens
     "text_attention",  # attention of text queries to each candidate at decoder layer K-1 (layer stage)
     "hidden_prev",  # input of decoder layer K-1 at each candidate (layer stage)
+    "prev_queries",  # post-RoPE queries of decoder layer K-1 at each candidate (layer stage)
+    "prev_keys",  # post-RoPE keys of decoder layer K-1 (candidates, or the text after the span)
+    "text_tokens",  # the stage's representation of the text after each span
+    "final_norm",  # the LLM's final norm as a callable
+    "instruction_ids",  # token ids of the text after the visual tokens
     "projector",  # the projector as a callable
     "grid",  # (group, row, col) of each candidate in its image / frame grid
 )

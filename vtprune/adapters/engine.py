@@ -75,6 +75,7 @@ class Forward:
     embeds: torch.Tensor  # (B, L, D) LLM input embeddings, original coordinates (overrides written here)
     projected: torch.Tensor  # (B, L, D) the same, never overridden
     mask0: torch.Tensor  # (B, L) long 2-D attention mask of the original sequence
+    input_ids: torch.Tensor | None  # (B, L) the prompt's token ids, if the model got them
     base: IndexMap  # LLM input -> original
     base_mask: torch.Tensor | None = None  # (B, L0) long mask of the LLM input
     layer_maps: dict[int, IndexMap] = field(default_factory=dict)  # first layer -> map into base
@@ -251,7 +252,7 @@ class Engine:
                 patcher.pre_hook(layers[l], self._layer_hook(l), what=f"vtprune: decoder layer {l}")
             for K, steps in self.layer_steps.items():
                 req = set().union(*(s.method.required_signals(a.has_cls) for s in steps))
-                if "text_attention" in req:
+                if req & {"text_attention", "prev_queries", "prev_keys"}:
                     patcher.pre_hook(layers[K - 1].self_attn, self._capture_attn(K - 1),
                                      what=f"vtprune: capture layer {K - 1} attention input")
                 if "hidden_prev" in req:
@@ -409,7 +410,8 @@ class Engine:
         layout, records = self._layout(masks)
         visual = layout.visual
         ident = torch.arange(L, device=embeds.device).expand(B, L)
-        fwd = Forward(layout=layout, records=records, embeds=embeds, projected=embeds, mask0=mask0,
+        ids = self._input_ids if self._input_ids is not None and self._input_ids.shape == (B, L) else None
+        fwd = Forward(layout=layout, records=records, embeds=embeds, projected=embeds, mask0=mask0, input_ids=ids,
                       base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
         self._fwd = fwd
         stats = PruneStats(visual_before=visual.sum(1).tolist())
@@ -521,7 +523,8 @@ class Engine:
             local = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
             changed = False
             for step in self.layer_steps[l]:
-                out = self._run_step(step, fwd, cur, tokens=hidden, stats=self._prefill_stats, local=local, prev=prev)
+                out = self._run_step(step, fwd, cur, tokens=hidden, stats=self._prefill_stats, local=local, prev=prev,
+                                     layer_kwargs=kwargs)
                 if out is None:
                     continue
                 order, new_valid, values = out
@@ -631,7 +634,7 @@ class Engine:
     # ================================================================== selection
     def _run_step(
         self, step: Step, fwd: Forward, cur: IndexMap, tokens: torch.Tensor | None, stats: PruneStats | None,
-        local: torch.Tensor | None = None, prev: IndexMap | None = None,
+        local: torch.Tensor | None = None, prev: IndexMap | None = None, layer_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple | None] | None:
         """Run one method on the current sequence. Returns (order (B, L') into the current sequence,
         valid (B, L'), merged values or None), or None when nothing is dropped."""
@@ -661,7 +664,7 @@ class Engine:
         rows_l = b_idx[torch.tensor(starts, dtype=torch.long, device=device)].tolist() if counts_l else []
         span_keys = keys[torch.tensor(starts, dtype=torch.long, device=device)].tolist() if counts_l else []
         original = self._original_span_sizes(fwd, policy)  # span key -> candidates in the prompt
-        view = _StageView(self, fwd, step, orig, tokens, local, prev)
+        view = _StageView(self, fwd, step, orig, tokens, local, prev, cur, layer_kwargs)
         keep = cur.valid & ~cand  # text, structural tokens, original padding
         before = cand.sum(1).tolist()
         groups: dict[tuple[int, int], list[int]] = {}
@@ -792,9 +795,11 @@ class _StageView:
     """The :class:`~vtprune.signals.SignalSource` of one step: computes signals in its coordinates."""
 
     def __init__(self, engine: Engine, fwd: Forward, step: Step, orig: torch.Tensor, tokens: torch.Tensor | None,
-                 local: torch.Tensor | None, prev: IndexMap | None) -> None:
+                 local: torch.Tensor | None, prev: IndexMap | None, cur: IndexMap,
+                 layer_kwargs: dict | None) -> None:
         self.engine, self.fwd, self.step, self.orig, self.tokens = engine, fwd, step, orig, tokens
         self.local, self.prev = local, prev  # layer steps: current slot -> captured slot; captured coords map
+        self.cur, self.layer_kwargs = cur, layer_kwargs  # the current map; layer K's kwargs (base coordinates)
         self.adapter = engine.adapter
 
     def _captured(self, sig: Signals) -> torch.Tensor:
@@ -827,20 +832,10 @@ class _StageView:
         return self.fwd.layout.grid[sig.rows[:, None], self._orig_of(sig)]
 
     def _sig_instruction(self, sig: Signals) -> tuple[torch.Tensor, torch.Tensor]:
-        fwd = self.fwd
-        key = "instruction"
-        if key not in fwd.cache:
-            lay = fwd.layout
-            B, L = lay.visual.shape
-            last_vis = (lay.visual.long() * torch.arange(1, L + 1, device=lay.visual.device)).argmax(1)  # (B,)
-            after = torch.arange(L, device=lay.visual.device)[None] > last_vis[:, None]
-            sel = after & fwd.mask0.bool() & ~lay.visual
-            sel = torch.where(sel.any(1, keepdim=True), sel, fwd.mask0.bool() & ~lay.visual)  # image last: all text
-            fwd.cache[key] = sel
-        sel = fwd.cache[key][sig.rows]  # (S, L)
-        T = int(sel.sum(1).max())
+        sel = self._instruction_mask()[sig.rows]  # (S, L)
+        T = max(int(sel.sum(1).max()), 1)
         order = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]  # (S, T)
-        emb = fwd.projected[sig.rows[:, None], order]  # (S, T, D)
+        emb = self.fwd.projected[sig.rows[:, None], order]  # (S, T, D)
         return emb, sel.gather(1, order)
 
     def _sig_hidden_prev(self, sig: Signals) -> torch.Tensor:
@@ -849,57 +844,100 @@ class _StageView:
             raise RuntimeError("hidden_prev was not captured (the method must list it in `requires`)")
         return cap["x"][sig.rows[:, None], self._captured(sig)]
 
-    def _sig_text_attention(self, sig: Signals, query: str = "last", per_head: bool = False) -> torch.Tensor:
-        key = ("text_attention", self.step.layer, query, per_head)
-        if key not in self.fwd.cache:
-            self.fwd.cache[key] = self._text_attention(query, per_head)
+    # ---------------------------------------------------------------- decoder-layer attention
+    def _attn_ctx(self, which: str) -> dict[str, Any]:
+        """q/k inputs of a decoder attention layer in some coordinates: ``"prev"`` = layer K-1 as captured
+        (coordinates of the hidden states entering layer K), ``"self"`` = layer K on its own (current)
+        input. Returns attn, x (normed input), cos/sin, attend (B, Lc), visual (B, Lc), to_slot (S, N
+        candidates -> slots), and cached keys if any."""
+        K = self.step.layer
+        if which == "prev":
+            key = ("ctx_prev", K)
+            if key not in self.fwd.cache:
+                cap = self.fwd.captures.get(("attn", K - 1))
+                if cap is None:
+                    raise RuntimeError("layer K-1 attention inputs were not captured (list the signal in `requires`)")
+                cache, keys = cap.get("cache"), None
+                if cache is not None and hasattr(cache, "layers") and len(cache.layers) > K - 1:
+                    keys = getattr(cache.layers[K - 1], "keys", None)
+                x = cap["x"]
+                if keys is not None and keys.shape[-2] != x.shape[1]:
+                    keys = None
+                m = self.prev
+                self.fwd.cache[key] = {"attn": self.adapter.decoder_layers[K - 1].self_attn, "x": x,
+                                       "cos": cap["pe"][0], "sin": cap["pe"][1], "keys": keys,
+                                       "attend": self.engine._attend(self.fwd, m).to(x.device),
+                                       "orig": self.fwd.base.index.clamp(min=0).gather(1, m.index.clamp(min=0))}
+            ctx = dict(self.fwd.cache[key])
+            ctx["slots"] = self._captured
+            return ctx
+        if K is None or self.tokens is None or self.layer_kwargs is None:
+            raise RuntimeError("layer='self' attention is only available at a decoder layer (layer=K)")
+        layer = self.adapter.decoder_layers[K]
+        x = layer.input_layernorm(self.tokens)
+        cur = self.cur
+        pe = self.layer_kwargs.get("position_embeddings")
+        index = cur.index.clamp(min=0)
+        cos, sin = (_take(t, index) for t in pe)
+        return {"attn": layer.self_attn, "x": x, "cos": cos, "sin": sin, "keys": None,
+                "attend": self.engine._attend(self.fwd, cur).to(x.device),
+                "orig": self.orig, "slots": lambda sig: sig.positions}
+
+    @staticmethod
+    def _project(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: bool) -> torch.Tensor:
+        """Post-RoPE queries (or keys) (B, H, T, d) of ``attn`` for normed inputs x (B, T, D)."""
+        proj, norm = (attn.k_proj, "k_norm") if key else (attn.q_proj, "q_norm")
+        y = proj(x).view(*x.shape[:2], -1, attn.head_dim)  # (B, T, H, d)
+        if hasattr(attn, norm):
+            y = getattr(attn, norm)(y)
+        return apply_rope(y.transpose(1, 2), cos, sin)
+
+    def _ctx_keys(self, ctx: dict[str, Any]) -> torch.Tensor:
+        if ctx["keys"] is None:
+            ctx["keys"] = self._project(ctx["attn"], ctx["x"], ctx["cos"], ctx["sin"], key=True)
+        return ctx["keys"]  # (B, Hkv, Lc, d)
+
+    def _text_rows(self, ctx: dict[str, Any], query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Tq) query slots and validity: the last attended token, or the text after the visual tokens."""
+        attend = ctx["attend"]
+        ar = torch.arange(attend.shape[1], device=attend.device)
+        if query == "last":
+            q_idx = (attend.long() * (ar + 1)).argmax(1, keepdim=True)  # (B, 1)
+            return q_idx, torch.ones_like(q_idx, dtype=torch.bool)
+        if query != "instruction":
+            raise ValueError(f"text_attention: query={query!r}; allowed: 'last', 'instruction'")
+        vis = self.fwd.layout.visual.gather(1, ctx["orig"]).to(attend.device)  # (B, Lc)
+        last_vis = (vis.long() * (ar + 1)).argmax(1, keepdim=True)
+        sel = attend & ~vis & (ar[None] > last_vis)
+        sel = torch.where(sel.any(1, keepdim=True), sel, attend & ~vis)
+        T = int(sel.sum(1).max())
+        q_idx = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]
+        return q_idx, sel.gather(1, q_idx)
+
+    def _sig_text_attention(self, sig: Signals, query: str = "last", per_head: bool = False,
+                            layer: str = "prev") -> torch.Tensor:
+        key = ("text_attention", self.step.layer, query, per_head, layer)
+        cacheable = layer == "prev"  # "self" depends on the current tokens of this step
+        if not cacheable or key not in self.fwd.cache:
+            ctx = self._attn_ctx(layer)
+            value = self._text_attention(ctx, query, per_head)
+            if not cacheable:
+                slots = ctx["slots"](sig)
+                return value.to(sig.device)[sig.rows[:, None], :, slots].transpose(1, 2) if per_head else \
+                    value.to(sig.device)[sig.rows[:, None], slots]
+            self.fwd.cache[key] = value
         scores = self.fwd.cache[key].to(sig.device)  # (B, Lc) or (B, H, Lc)
         slots = self._captured(sig)
         if per_head:
             return scores[sig.rows[:, None], :, slots].transpose(1, 2)  # (S, H, N)
         return scores[sig.rows[:, None], slots]  # (S, N)
 
-    def _text_attention(self, query: str, per_head: bool) -> torch.Tensor:
-        K = self.step.layer
-        cap = self.fwd.captures.get(("attn", K - 1))
-        if cap is None:
-            raise RuntimeError("text_attention was not captured (the method must list it in `requires`)")
-        attn = self.adapter.decoder_layers[K - 1].self_attn
-        x, (cos, sin) = cap["x"], cap["pe"]  # (B, Lc, D), (B, Lc, d)
-        B, Lc, _ = x.shape
-        attend = self.engine._attend(self.fwd, self.prev).to(x.device)  # (B, Lc) in captured coordinates
-        ar = torch.arange(Lc, device=x.device)
-        if query == "last":
-            q_idx = (attend.long() * (ar + 1)).argmax(1, keepdim=True)  # (B, 1) last attended token
-            q_ok = torch.ones_like(q_idx, dtype=torch.bool)
-        elif query == "instruction":
-            lay = self.fwd.layout
-            cap_orig = self.fwd.base.index.clamp(min=0).gather(1, self.prev.index.clamp(min=0))
-            vis = lay.visual.gather(1, cap_orig).to(x.device)  # (B, Lc)
-            last_vis = (vis.long() * (ar + 1)).argmax(1, keepdim=True)
-            sel = attend & ~vis & (ar[None] > last_vis)
-            sel = torch.where(sel.any(1, keepdim=True), sel, attend & ~vis)
-            T = int(sel.sum(1).max())
-            q_idx = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]
-            q_ok = sel.gather(1, q_idx)
-        else:
-            raise ValueError(f"text_attention: query={query!r}; allowed: 'last', 'instruction'")
-        head_dim = attn.head_dim
-        q = attn.q_proj(_take(x, q_idx)).view(B, q_idx.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Tq, d)
-        if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2)
-        q = apply_rope(q, _take(cos, q_idx), _take(sin, q_idx))
-        cache = cap.get("cache")
-        layer_cache = None
-        if cache is not None and hasattr(cache, "layers") and len(cache.layers) > K - 1:
-            layer_cache = cache.layers[K - 1]
-        if layer_cache is not None and getattr(layer_cache, "keys", None) is not None and layer_cache.keys.shape[-2] == Lc:
-            k = layer_cache.keys  # (B, Hkv, Lc, d), already normed and rotated
-        else:
-            k = attn.k_proj(x).view(B, Lc, -1, head_dim).transpose(1, 2)
-            if hasattr(attn, "k_norm"):
-                k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2)
-            k = apply_rope(k, cos, sin)
+    def _text_attention(self, ctx: dict[str, Any], query: str, per_head: bool) -> torch.Tensor:
+        attn, x, cos, sin, attend = ctx["attn"], ctx["x"], ctx["cos"], ctx["sin"], ctx["attend"]
+        ar = torch.arange(x.shape[1], device=x.device)
+        q_idx, q_ok = self._text_rows(ctx, query)
+        q = self._project(attn, _take(x, q_idx), _take(cos, q_idx), _take(sin, q_idx), key=False)  # (B, H, Tq, d)
+        k = self._ctx_keys(ctx)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # GQA: (B, H, Lc, d)
         logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Tq, Lc)
@@ -908,6 +946,71 @@ class _StageView:
         w = q_ok.float() / q_ok.float().sum(1, keepdim=True).clamp(min=1)  # (B, Tq)
         probs = (probs * w[:, None, :, None]).sum(2)  # (B, H, Lc)
         return probs if per_head else probs.mean(1)
+
+    def _sig_prev_queries(self, sig: Signals) -> torch.Tensor:
+        ctx = self._attn_ctx("prev")
+        slots = ctx["slots"](sig)  # (S, N)
+        rows = sig.rows[:, None].to(ctx["x"].device)
+        x, cos, sin = (ctx[k][rows, slots.to(ctx["x"].device)] for k in ("x", "cos", "sin"))  # (S, N, .)
+        return self._project(ctx["attn"], x, cos, sin, key=False).transpose(1, 2).to(sig.device)  # (S, N, H, d)
+
+    def _after_span(self, sig: Signals, attend: torch.Tensor, orig: torch.Tensor,
+                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, T) slots of the attended text tokens after each span's last candidate, and their mask."""
+        vis = self.fwd.layout.visual.gather(1, orig).to(attend.device)[sig.rows]  # (S, Lc)
+        ar = torch.arange(attend.shape[1], device=attend.device)
+        after = attend[sig.rows] & ~vis & (ar[None] > slots.max(1, keepdim=True).values.to(attend.device))
+        T = max(int(after.sum(1).max()), 1)
+        idx = torch.argsort(after.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]
+        return idx, after.gather(1, idx)
+
+    def _sig_prev_keys(self, sig: Signals, part: str = "visual") -> Any:
+        """Post-RoPE keys of layer K-1 (before GQA repetition), (S, N, Hkv, d) at the candidates, or
+        ((S, T, Hkv, d), mask) for ``part="text"``: the text after each span."""
+        ctx = self._attn_ctx("prev")
+        keys = self._ctx_keys(ctx).transpose(1, 2)  # (B, Lc, Hkv, d)
+        slots = ctx["slots"](sig).to(keys.device)
+        rows = sig.rows[:, None].to(keys.device)
+        if part == "visual":
+            return keys[rows, slots].to(sig.device)
+        if part != "text":
+            raise ValueError(f"prev_keys: part={part!r}; allowed: 'visual', 'text'")
+        idx, ok = self._after_span(sig, ctx["attend"], ctx["orig"], slots)
+        return keys[rows, idx.to(keys.device)].to(sig.device), ok.to(sig.device)
+
+    def _sig_text_tokens(self, sig: Signals) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S, T, D), mask): the stage's representation of the text after each span."""
+        if self.tokens is None:  # before the LLM: the input embeddings
+            attend = self.fwd.mask0.bool()
+            orig = torch.arange(attend.shape[1], device=attend.device).expand_as(attend)
+            idx, ok = self._after_span(sig, attend, orig, self._orig_of(sig))
+            return self.fwd.embeds[sig.rows[:, None], idx], ok
+        attend = self.engine._attend(self.fwd, self.cur)
+        idx, ok = self._after_span(sig, attend, self.orig, sig.positions)
+        return self.tokens[sig.rows[:, None], idx.to(self.tokens.device)], ok
+
+    def _sig_final_norm(self, sig: Signals) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.adapter.language_model.norm
+
+    def _sig_instruction_ids(self, sig: Signals) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S, T) token ids, mask) of the text after the sample's visual tokens (original prompt)."""
+        if self.fwd.input_ids is None:
+            raise RuntimeError("instruction_ids needs input_ids (the model was called with inputs_embeds)")
+        sel = self._instruction_mask()[sig.rows]  # (S, L)
+        T = max(int(sel.sum(1).max()), 1)
+        order = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]
+        return self.fwd.input_ids[sig.rows[:, None], order], sel.gather(1, order)
+
+    def _instruction_mask(self) -> torch.Tensor:
+        fwd = self.fwd
+        if "instruction" not in fwd.cache:
+            lay = fwd.layout
+            L = lay.visual.shape[1]
+            last_vis = (lay.visual.long() * torch.arange(1, L + 1, device=lay.visual.device)).argmax(1)  # (B,)
+            after = torch.arange(L, device=lay.visual.device)[None] > last_vis[:, None]
+            sel = after & fwd.mask0.bool() & ~lay.visual
+            fwd.cache["instruction"] = torch.where(sel.any(1, keepdim=True), sel, fwd.mask0.bool() & ~lay.visual)
+        return fwd.cache["instruction"]
 
     # ---------------------------------------------------------------- vision-tower signals
     def _vit_rows(self, sig: Signals) -> torch.Tensor:

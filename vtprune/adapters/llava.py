@@ -28,7 +28,8 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "cls_attention", "received_attention",
-                         "instruction", "text_attention", "hidden_prev", "projector", "grid"})
+                         "instruction", "text_attention", "hidden_prev", "projector", "grid", "prev_queries", "prev_keys",
+                         "text_tokens", "final_norm", "instruction_ids"})
 
     @property
     def has_cls(self) -> bool:  # type: ignore[override]

@@ -27,7 +27,8 @@ class Qwen2VLAdapter(Adapter):
     derives_decode_positions = True
     mrope = True
     signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "received_attention", "instruction",
-                         "text_attention", "hidden_prev", "projector", "grid"})
+                         "text_attention", "hidden_prev", "projector", "grid", "prev_queries", "prev_keys",
+                         "text_tokens", "final_norm", "instruction_ids"})
 
     @property
     def projector(self) -> nn.Module:
