@@ -37,6 +37,18 @@ METHOD_CASES = [
     MethodCase("random@layers1,2", "random", {"ratio": 0.3, "layer": (1, 2)}),
     MethodCase("cls+fastv", ["cls_attention", vtprune.method("fastv", layer=2, keep=3)], {"keep": 6}),
     MethodCase("kcenter-global", "kcenter", {"ratio": 0.75, "budget": "global"}),
+    MethodCase("todre", vtprune.method("kcenter", variant="todre", pivot="received"), {"ratio": 0.5}),
+    MethodCase("todre_v1+drop", vtprune.method("kcenter", variant="todre_v1", drop_layer=2, tau=0.5),
+               {"ratio": 0.5}),
+    MethodCase("mmr", "mmr", {"ratio": 0.5}),
+    MethodCase("mmr-instruction", vtprune.method("mmr", importance="instruction"), {"keep": 5}),
+    MethodCase("coverage", "coverage", {"ratio": 0.6}),
+    MethodCase("entropy", "entropy", {"keep": 6, "layer": 1}),
+    MethodCase("zeroth_order", vtprune.method("zeroth_order", m=8), {"ratio": 0.5}),
+    MethodCase("visionzip", "visionzip", {"keep": 6}, merges=True),
+    MethodCase("dart", vtprune.method("dart", pivots=2, text_pivots=2), {"keep": 6, "layer": 1}),
+    MethodCase("transition", vtprune.method("transition", layer=(1, 2), fractions=(0.75, 0.5)), {"ratio": 0.5}),
+    MethodCase("debiased", vtprune.method("debiased_attention", layer=1, coef=(-1.0,)), {"ratio": 0.5}),
 ]
 
 ADAPTER_CASES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl",

@@ -155,7 +155,7 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
     if missing_stage:
         raise ValueError(f"{family} adapter cannot prune at the {missing_stage.pop()} stage needed by {m.name!r}")
     required = m.required_signals(adapter.has_cls)
-    if "cls_attention" in required and not adapter.has_cls:
+    if required & {"cls_attention", "vit_cls"} and not adapter.has_cls:
         raise ValueError(
             f"method {m.name!r} needs a [CLS] token, but {family}'s vision tower "
             f"({adapter.config.vision_config.model_type}) has none"
@@ -163,7 +163,7 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
     missing = set(required) - set(adapter.signals)
     if missing:
         raise ValueError(f"method {m.name!r} needs signal(s) {sorted(missing)} that the {family} adapter cannot supply")
-    if required & {"cls_attention", "vit_keys", "received_attention"}:
+    if required & {"cls_attention", "vit_keys", "received_attention", "vit_cls"}:
         adapter.vit_attention(getattr(m, "vit_layer", None))  # raises if vit_layer is out of range
     if "text_attention" in required and m.layers and min(m.layers) < 1:
         raise ValueError(f"method {m.name!r} scores with layer K-1, so layer must be >= 1")
@@ -214,6 +214,7 @@ def prune(
     if impl.startswith("flex"):
         raise ValueError(f"attn_implementation={impl!r} is not supported (its BlockMask cannot be cut); use sdpa, "
                          "eager or flash_attention_2")
+    methods = [sub for m in methods for sub in m.resolve(adapter.num_layers).expand(adapter.num_layers)]
     steps = []
     for m in methods:
         _check_supported(adapter, m, positions)

@@ -106,6 +106,11 @@ class Signals:
         return self._get("tokens")
 
     @cached_property
+    def prompt_positions(self) -> torch.Tensor:
+        """(S, N) long: each candidate's index in its unpadded prompt (independent of batch padding)."""
+        return self._get("prompt_positions")
+
+    @cached_property
     def projected(self) -> torch.Tensor:
         """(S, N, D) projector outputs, i.e. the LLM input embeddings of the candidates."""
         return self._get("projected")
@@ -115,10 +120,31 @@ class Signals:
         """(S, N, Dv) vision features fed to the projector."""
         return self._get("vit_features")
 
-    def vit_keys(self, vit_layer: int | None = None) -> torch.Tensor:
-        """(S, N, Dv) keys (all heads concatenated) of a ViT layer at each candidate's patch.
-        ``vit_layer`` is a hidden-states index as in ``vision_feature_layer`` (None: the model's)."""
-        return self._get("vit_keys", vit_layer=vit_layer)
+    def vit_keys(self, vit_layer: int | None = None, *, heads: bool = False) -> torch.Tensor:
+        """Keys of a ViT layer at each candidate's patch: (S, N, Dk) with heads concatenated, or
+        (S, N, H, d) with ``heads=True`` (a merged token averages its patches). ``vit_layer`` is a
+        hidden-states index as in ``vision_feature_layer`` (None: the model's)."""
+        return self._get("vit_keys", vit_layer=vit_layer, heads=heads)
+
+    def vit_cls(self, vit_layer: int | None = None) -> torch.Tensor:
+        """(S, N, Dv) the [CLS] hidden state of each candidate's tile at hidden-states index ``vit_layer``
+        (None: the feature layer) — VisionZip carries it as one of the kept tokens."""
+        return self._get("vit_cls", vit_layer=vit_layer)
+
+    @cached_property
+    def padding_fraction(self) -> torch.Tensor:
+        """(S, N) fraction of each candidate's patch that is pad-to-square fill (LLaVA-1.5), else 0."""
+        return self._get("padding_fraction")
+
+    @cached_property
+    def embed_tokens(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The LLM's input embedding table (token ids -> (..., D))."""
+        return self._get("embed_tokens")
+
+    def transition(self, direction: str = "cos") -> torch.Tensor:
+        """(S, N) TransPrune's token transition variation summed over the accumulation layers below K;
+        ``direction="cos"``: 1 - cos (official code), ``"abs"``: 1 - |cos| (paper)."""
+        return self._get("transition", direction=direction)
 
     @property
     def has_cls(self) -> bool:

@@ -32,8 +32,13 @@ SIGNALS: tuple[str, ...] = (
     "text_tokens",  # the stage's representation of the text after each span
     "final_norm",  # the LLM's final norm as a callable
     "instruction_ids",  # token ids of the text after the visual tokens
+    "vit_cls",  # [CLS] hidden state of a ViT layer (of each candidate's tile)
+    "padding_fraction",  # share of a patch that is pad-to-square fill
+    "embed_tokens",  # the LLM's input embedding table
+    "transition",  # TransPrune's token transition variation over accumulation layers
     "projector",  # the projector as a callable
     "grid",  # (group, row, col) of each candidate in its image / frame grid
+    "prompt_positions",  # index of each candidate in its unpadded prompt
 )
 
 
@@ -46,6 +51,7 @@ class SpanStats:
     frame: int  # frame within a video (0 for images); -1 when the span pools frames or images
     n: int  # candidate tokens entering the stage
     kept: int  # candidate tokens that survived
+    budget: int = -1  # the count the method's budget asked for (kept, unless a gate dropped the span)
 
 
 @dataclass

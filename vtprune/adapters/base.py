@@ -57,6 +57,14 @@ class VisionRecord:
     meta: dict[str, Any] = field(default_factory=dict)  # adapter-specific (e.g. Qwen2.5-VL window order)
 
 
+# Signals the shared engine supplies for every decoder-only VLM; adapters add their vision-tower ones.
+LLM_SIGNALS = frozenset({
+    "tokens", "projected", "instruction", "instruction_ids", "text_attention", "hidden_prev", "prev_queries",
+    "prev_keys", "text_tokens", "final_norm", "embed_tokens", "transition", "grid", "projector",
+    "padding_fraction", "prompt_positions",
+})
+
+
 class Adapter:
     """Family-specific knowledge. Subclasses set the class variables and override what differs."""
 
@@ -161,6 +169,14 @@ class Adapter:
     def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
         """(n_vit, Dk) keys (heads concatenated) of a ViT attention layer."""
         raise NotImplementedError
+
+    def vit_cls(self, record: VisionRecord, hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """(..., Dv) the [CLS] hidden state (of a ViT layer's output ``hidden``) of each token's tile."""
+        raise NotImplementedError(f"{type(self).__name__} has no [CLS] token")
+
+    def padding_fraction(self, record: VisionRecord) -> torch.Tensor:
+        """(n_vit,) fraction of each ViT row's patch that is pad-to-square fill (0 where not applicable)."""
+        return torch.zeros(record.n_vit)
 
     def rows_to_tokens(self, record: VisionRecord, rows: torch.Tensor, kind: str) -> list[torch.Tensor]:
         """Map a per-ViT-row signal (n_vit, C) onto LLM tokens: one (n_i, C) tensor per image of

@@ -224,6 +224,7 @@ class Engine:
         self._vision: dict[str, VisionRecord] = {}  # modality -> the last feature call's record
         self._vlm_gave_positions = True
         self._last_layer = -1
+        self._needs_pixels = False
         self._fwd: Forward | None = None
         self._gen: Generation | None = None
         self._phase: str | None = None
@@ -246,6 +247,19 @@ class Engine:
             patcher.pre_hook(a.vit_attention(h), self._capture_vit(h), what=f"vtprune: capture ViT attention input {h}")
         if "vit_features" in needs:
             patcher.pre_hook(a.projector, self._capture_features, what="vtprune: capture projector input")
+        self._needs_pixels = "padding_fraction" in needs
+        cls_layers = {a.feature_hidden_index(getattr(m, "vit_layer", None)) for m in methods
+                      if "vit_cls" in m.required_signals(a.has_cls)}
+        for h in sorted(cls_layers):
+            patcher.post_hook(a.vit_layers()[h - 1], self._capture_vit_out(h), what=f"vtprune: capture ViT output {h}")
+        for m in methods:  # TransPrune-style transition variation on the accumulation layers
+            if "transition" in m.required_signals(a.has_cls):
+                for l in m.transition_layers(a.num_layers):
+                    layer = a.decoder_layers[l]
+                    patcher.post_hook(layer.self_attn, self._capture_transition(l, "attn"),
+                                      what=f"vtprune: transition of layer {l} attention")
+                    patcher.post_hook(layer.mlp, self._capture_transition(l, "mlp"),
+                                      what=f"vtprune: transition of layer {l} MLP")
         if self.layer_steps:
             layers = a.decoder_layers
             for l in range(min(self.layer_steps), len(layers)):
@@ -267,6 +281,9 @@ class Engine:
                 if self._pending is not None:  # nested (Qwen3-VL's video path calls the image one)
                     return original(*args, **kwargs)
                 record = VisionRecord(modality=modality)
+                if self._needs_pixels:  # references only, for signals computed from the input image
+                    record.stash["pixels"] = kwargs.get(f"pixel_values{'_videos' if modality == 'video' else ''}",
+                                                        args[0] if args else None)
                 self._pending = record
                 try:
                     out = original(*args, **kwargs)
@@ -290,6 +307,39 @@ class Engine:
                     "x": x.detach(), "cu_seqlens": kwargs.get("cu_seqlens"),
                     "position_embeddings": kwargs.get("position_embeddings"),
                 }
+
+        return hook
+
+    def _capture_vit_out(self, h: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self._pending is not None:
+                out = output[0] if isinstance(output, tuple) else output
+                self._pending.stash[("vit_out", h)] = out.detach()
+
+        return hook
+
+    def _capture_transition(self, l: int, part: str) -> Callable[..., None]:
+        """Token transition variation (TransPrune) of one sub-layer: its normed input vs its output before
+        the residual add; magnitude ratio and cosine, kept in LLM-input coordinates."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            fwd = self._fwd
+            if self._phase != "prefill" or fwd is None:
+                return
+            x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            x_out = output[0] if isinstance(output, tuple) else output
+            with torch.no_grad():
+                x_in, x_out = x_in.float(), x_out.float()
+                mag = x_out.norm(dim=-1) / x_in.norm(dim=-1).clamp(min=1e-12)  # (B, Lc)
+                cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)  # (B, Lc)
+                m = fwd.map_at(l) or self._base_identity(fwd)
+                attend = self._attend(fwd, m)
+                parts = fwd.captures.setdefault(("transition", l), {})
+                for variant, direction in (("cos", 1 - cos), ("abs", 1 - cos.abs())):
+                    n = direction.masked_fill(~attend, float("-inf")).softmax(-1)  # over the row's tokens
+                    ttv = torch.zeros_like(fwd.base_mask, dtype=torch.float32)
+                    ttv.scatter_(1, m.index.clamp(min=0), torch.where(m.valid, mag * n, 0.0))
+                    parts[(part, variant)] = ttv  # (B, L0) in LLM-input coordinates
 
         return hook
 
@@ -674,13 +724,14 @@ class Engine:
         for s, (n, r) in enumerate(zip(counts_l, rows_l)):
             ordinals.append(seen.get(r, 0))
             seen[r] = ordinals[-1] + 1
-            k = min(n, method.keep_count(step.budget, n, original.get(span_keys[s], n), self.adapter.num_layers,
-                                         step.layer))
+            # a budget that keeps the whole span keeps it, whatever the method's own counting convention
+            k = n if step.budget.count(n) >= n else min(n, method.keep_count(
+                step.budget, n, original.get(span_keys[s], n), self.adapter.num_layers, step.layer))
             first = p_idx[starts[s]]
             span_stats.append(SpanStats(row=r, image=int(lay.image[r, orig[r, first]]),
                                         frame=int(lay.frame[r, orig[r, first]]) if policy == "per_frame" else -1,
-                                        n=n, kept=k))
-            if k >= n and not method.gate:
+                                        n=n, kept=k, budget=k))
+            if k >= n and not (method.gate and step.budget.count(n) < n):  # gates run unless nothing may go
                 keep[r, p_idx[starts[s] : starts[s] + n]] = True
             else:
                 groups.setdefault((n, k), []).append(s)
@@ -825,6 +876,11 @@ class _StageView:
             return self.fwd.embeds[sig.rows[:, None], self._orig_of(sig)]
         return self.tokens[sig.rows[:, None], sig.positions]
 
+    def _sig_prompt_positions(self, sig: Signals) -> torch.Tensor:
+        mask = self.fwd.mask0.bool()
+        first = (mask.long().cumsum(1) == 0).sum(1)  # (B,) left padding in front of each row
+        return self._orig_of(sig) - first[sig.rows][:, None]
+
     def _sig_projected(self, sig: Signals) -> torch.Tensor:
         return self.fwd.projected[sig.rows[:, None], self._orig_of(sig)]
 
@@ -864,8 +920,9 @@ class _StageView:
                 if keys is not None and keys.shape[-2] != x.shape[1]:
                     keys = None
                 m = self.prev
+                cos, sin = (t.expand(x.shape[0], *t.shape[1:]) for t in cap["pe"])  # (1, L, d) when unpadded
                 self.fwd.cache[key] = {"attn": self.adapter.decoder_layers[K - 1].self_attn, "x": x,
-                                       "cos": cap["pe"][0], "sin": cap["pe"][1], "keys": keys,
+                                       "cos": cos, "sin": sin, "keys": keys,
                                        "attend": self.engine._attend(self.fwd, m).to(x.device),
                                        "orig": self.fwd.base.index.clamp(min=0).gather(1, m.index.clamp(min=0))}
             ctx = dict(self.fwd.cache[key])
@@ -943,6 +1000,7 @@ class _StageView:
         logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Tq, Lc)
         allowed = attend[:, None, None, :] & (ar[None, None, None, :] <= q_idx[:, None, :, None])
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, Tq, Lc)
+        probs = probs.nan_to_num(0.0)  # padding query slots of ragged rows see no key at all
         w = q_ok.float() / q_ok.float().sum(1, keepdim=True).clamp(min=1)  # (B, Tq)
         probs = (probs * w[:, None, :, None]).sum(2)  # (B, H, Lc)
         return probs if per_head else probs.mean(1)
@@ -1026,14 +1084,17 @@ class _StageView:
 
     def _vit_signal(self, name: str, sig: Signals, vit_layer: int | None) -> torch.Tensor:
         """A per-ViT-row signal mapped onto the LLM tokens by the adapter (gather, pooling, packing)."""
-        h = self.adapter.feature_hidden_index(vit_layer)
-        attn = self.adapter.vit_attention(h)
         compute = getattr(self.adapter, name)
-        key = (name, h)
+        if name == "padding_fraction":  # a property of the input image, not of a ViT layer
+            key, rows_of = (name,), lambda r: compute(r)
+        else:
+            h = self.adapter.feature_hidden_index(vit_layer)
+            attn = self.adapter.vit_attention(h)
+            key, rows_of = (name, h), lambda r: compute(attn, self._stash(r, ("vit_in", h)), r)
         if key not in self.fwd.cache:
             parts = []
             for r in self.fwd.records:
-                rows = compute(attn, self._stash(r, ("vit_in", h)), r).reshape(r.n_vit, -1)  # (n_vit, C)
+                rows = rows_of(r).reshape(r.n_vit, -1)  # (n_vit, C)
                 kind = "feature" if name == "vit_keys" else "score"
                 blocks = self.adapter.rows_to_tokens(r, rows, kind)  # per produced image: (n_i, C)
                 by_layout = {id(im): blk for im, blk in zip(r.produced, blocks)}
@@ -1049,8 +1110,47 @@ class _StageView:
     def _sig_received_attention(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
         return self._vit_signal("received_attention", sig, vit_layer)[..., 0]  # (S, N)
 
-    def _sig_vit_keys(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
-        return self._vit_signal("vit_keys", sig, vit_layer)  # (S, N, Dk)
+    def _sig_vit_keys(self, sig: Signals, vit_layer: int | None = None, heads: bool = False) -> torch.Tensor:
+        keys = self._vit_signal("vit_keys", sig, vit_layer)  # (S, N, Dk)
+        if not heads:
+            return keys
+        attn = self.adapter.vit_attention(vit_layer)
+        H, d = attn.num_heads, attn.head_dim
+        # (S, N, patches, H, d): a merged token (Qwen's 2x2, InternVL's shuffle) averages its patches' keys
+        return keys.reshape(*keys.shape[:2], -1, H, d).mean(2)
+
+    def _sig_vit_cls(self, sig: Signals, vit_layer: int | None = None) -> torch.Tensor:
+        h = self.adapter.feature_hidden_index(vit_layer)
+        src = self._vit_rows(sig)
+        out, offset = None, 0
+        for record in self.fwd.records:
+            inside = (src >= offset) & (src < offset + record.n_vit)
+            if bool(inside.any()):
+                rows = self.adapter.vit_cls(record, self._stash(record, ("vit_out", h)),
+                                            (src - offset).clamp(0, record.n_vit - 1))
+                out = rows if out is None else torch.where(inside[..., None], rows, out)
+            offset += record.n_vit
+        return out.to(sig.device)  # (S, N, Dv)
+
+    def _sig_padding_fraction(self, sig: Signals) -> torch.Tensor:
+        return self._vit_signal("padding_fraction", sig, None)[..., 0]  # (S, N)
+
+    def _sig_embed_tokens(self, sig: Signals) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.adapter.language_model.get_input_embeddings()
+
+    def _sig_transition(self, sig: Signals, direction: str = "cos") -> torch.Tensor:
+        """(S, N) TransPrune's token transition variation accumulated over the captured layers below K."""
+        K = self.step.layer
+        total = None
+        for (kind, l), parts in self.fwd.captures.items():
+            if kind != "transition" or K is None or l >= K:
+                continue
+            ttv = parts[("attn", direction)] + parts[("mlp", direction)]  # (B, L0)
+            total = ttv if total is None else total + ttv
+        if total is None:
+            raise RuntimeError("no transition variation was captured below this layer (check accumulate layers)")
+        base = self.cur.index.clamp(min=0)[sig.rows[:, None], sig.positions]  # (S, N) LLM-input slots
+        return total.to(sig.device)[sig.rows[:, None], base]
 
     def _sig_vit_features(self, sig: Signals) -> torch.Tensor:
         src = self._vit_rows(sig)  # (S, N) global ViT rows

@@ -64,6 +64,17 @@ class InternVLAdapter(LlavaAdapter):
         per_tile = blocks.sum(2) if kind == "score" else blocks.flatten(2)  # (tiles, g*g, C or 4C)
         return list(per_tile)  # one "image" per tile; the engine joins a run of tiles
 
+    @property
+    def grid_side(self) -> int:
+        return self._shape()[1]
+
+    def padding_fraction(self, record: VisionRecord) -> torch.Tensor:
+        return torch.zeros(record.n_vit)  # InternVL tiles the image: there is no pad-to-square fill
+
+    def vit_cls(self, record: VisionRecord, hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        _, g = self._shape()
+        return hidden[(src // (g * g)).to(hidden.device), 0]  # src counts LLM tokens: tile = src // tokens
+
     def vit_feature_rows(self, record: VisionRecord, src: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         feats = record.stash["features"]  # (n_tiles, g*g, 4*Dv): the pixel-shuffled projector input
         return feats.reshape(-1, feats.shape[-1])[local.to(feats.device)]

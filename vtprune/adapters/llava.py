@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
+from vtprune.adapters.base import LLM_SIGNALS, Adapter, ImageLayout, VisionRecord
 
 
 def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tensor:
@@ -27,9 +27,7 @@ def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tenso
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
-    signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "cls_attention", "received_attention",
-                         "instruction", "text_attention", "hidden_prev", "projector", "grid", "prev_queries", "prev_keys",
-                         "text_tokens", "final_norm", "instruction_ids"})
+    signals = LLM_SIGNALS | {"vit_features", "vit_keys", "vit_cls", "cls_attention", "received_attention"}
 
     @property
     def has_cls(self) -> bool:  # type: ignore[override]
@@ -75,6 +73,32 @@ class LlavaAdapter(Adapter):
     def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
         k = dense_qk(attn, cap["x"], key=True)  # (n, H, T, d)
         return k.transpose(1, 2).reshape(-1, k.shape[1] * k.shape[3])  # (n * T, H * d)
+
+    def vit_cls(self, record: VisionRecord, hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        T = record.tokens_per_tile
+        return hidden[(src // T).to(hidden.device), 0]  # the tile's token 0
+
+    def padding_fraction(self, record: VisionRecord) -> torch.Tensor:
+        """LLaVA-1.5 pads images to a square with the processor's mean colour (``expand2square``): after
+        normalisation that fill is a constant close to 0 in every channel. A tile is padded when a whole
+        border row (or column) has that constant; each patch's fraction of such pixels is returned."""
+        pixels = record.stash.get("pixels")
+        if pixels is None or pixels.dim() != 4 or record.tokens_per_tile == 0:
+            return torch.zeros(record.n_vit)
+        T, side = record.tokens_per_tile, self.grid_side
+        out = torch.zeros(pixels.shape[0], T)
+        for i, img in enumerate(pixels.float().cpu()):  # (3, H, W)
+            fill = None
+            for border in (img[:, 0, :], img[:, :, 0]):  # top row, left column
+                if bool((border == border[:, :1]).all()) and bool(border[:, 0].abs().max() < 0.05):
+                    fill = border[:, 0]
+            if fill is None:
+                continue
+            is_fill = (img == fill[:, None, None]).all(0).float()  # (H, W)
+            p = img.shape[-1] // side
+            frac = is_fill[: side * p, : side * p].reshape(side, p, side, p).mean(dim=(1, 3)).reshape(-1)
+            out[i, T - side * side :] = frac
+        return out.reshape(-1)
 
     def _tile_layout(self, tile: int, T: int, P: int) -> ImageLayout:
         """One tile's projector tokens: [CLS] first for ``full`` (group -1), then the patch grid."""

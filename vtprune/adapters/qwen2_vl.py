@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
+from vtprune.adapters.base import LLM_SIGNALS, Adapter, ImageLayout, VisionRecord
 
 
 class Qwen2VLAdapter(Adapter):
@@ -26,9 +26,7 @@ class Qwen2VLAdapter(Adapter):
                   "video": ("get_video_features", "video_token_id")}
     derives_decode_positions = True
     mrope = True
-    signals = frozenset({"tokens", "projected", "vit_features", "vit_keys", "received_attention", "instruction",
-                         "text_attention", "hidden_prev", "projector", "grid", "prev_queries", "prev_keys",
-                         "text_tokens", "final_norm", "instruction_ids"})
+    signals = LLM_SIGNALS | {"vit_features", "vit_keys", "received_attention"}
 
     @property
     def projector(self) -> nn.Module:

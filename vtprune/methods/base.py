@@ -87,6 +87,18 @@ class Method:
         """The signals this configuration reads on a tower with / without [CLS] (default: ``requires``)."""
         return self.requires
 
+    def transition_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose sub-layer transitions the ``transition`` signal accumulates."""
+        return ()
+
+    def resolve(self, num_layers: int) -> Method:
+        """This method with model-dependent defaults filled in (e.g. layers scaled to the depth)."""
+        return self
+
+    def expand(self, num_layers: int) -> list[Method]:
+        """The methods this one runs as (a second stage, e.g. ToDRE's in-LLM drop, is a separate step)."""
+        return [self]
+
     def keep_count(self, budget: Budget, n: int, n0: int, num_layers: int, layer: int | None) -> int:
         """Tokens a span keeps at this method's stage (``layer``: the decoder layer, None before the LLM):
         ``n`` candidates now, ``n0`` in the prompt. The default is the budget's count of ``n``; methods

@@ -1,0 +1,184 @@
+"""Attention debiasing: remove the positional (recency) trend of an attention score and suppress padding.
+
+Paper: "Attention Debiasing for Token Pruning in Vision Language Models", arXiv:2508.17807. Official code:
+intcomp/attention-bias (patches for FastV, SparseVLM, PyramidDrop, HiMAP, TokenCarve).
+
+Text-to-image attention grows with the image token's position (later tokens sit closer to the text), so an
+attention-scored pruner keeps the bottom of the image. The trend f(x) of the host's score along the token's
+relative position x = i / N is fitted on the model's own attention (``calibrate``); scores are multiplied by
+w(x) = f(0) / f(x) before the top-k, and pad-to-square patches (more than ``pad_threshold`` of the patch is
+fill) are ranked last. ``trend="exp"`` fits f(x) = exp(a + b x) by least squares on log scores (the paper);
+``"poly3"`` a cubic (the form of the file shipped for FastV). The standalone method is FastV plus debiasing;
+``host=`` wraps any attention-scored method (``fastv``, ``cls_attention``, ``transition``, ...).
+
+Differences from the reference:
+  * Curves are fitted here, per model, on inputs the user gives (``calibrate``); the reference ships
+    per-method, per-benchmark weight files with no fitting script (possibly fitted on the test split).
+  * x is the token's rank in its span over the span's length, so a curve transfers across image sizes
+    (the reference's curves are 576 values, LLaVA-1.5 only).
+  * Padding is detected from the pixels (the mean-colour fill of ``expand2square``) rather than from the
+    original size; the reference's FastV also shrinks the budget to the valid patches, vtprune keeps
+    exactly the budget (padding patches last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vtprune.methods.base import LayerSpec, Method, ScoreMethod, build
+from vtprune.signals import Signals
+
+TRENDS = ("exp", "poly3", "none")
+
+
+def trend_weights(trend: str, coef: tuple[float, ...] | None, n: int, device: torch.device) -> torch.Tensor:
+    """(n,) w(x) = f(0) / f(x) at x = i / n."""
+    x = torch.arange(n, device=device, dtype=torch.float64) / n
+    if trend == "none" or coef is None:
+        return torch.ones(n, device=device)
+    if trend == "exp":
+        return torch.exp(-coef[0] * x).float()
+    f = sum(c * x**p for p, c in enumerate(coef)).clamp(min=1e-6)
+    return (f[0] / f).float()
+
+
+def fit_trend(x: torch.Tensor, y: torch.Tensor, trend: str, bins: int = 64) -> tuple[float, ...]:
+    """Fit the mean normalised score y at relative positions x in [0, 1): exp -> (b,), poly3 -> (c0..c3)."""
+    b = (x * bins).long().clamp(max=bins - 1)
+    sums = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, y.double())
+    counts = torch.bincount(b, minlength=bins).double()
+    ok = counts > 0
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    xs, ys = centres[ok], (sums[ok] / counts[ok]).clamp(min=1e-12)
+    if trend == "exp":
+        A = torch.stack([torch.ones_like(xs), xs], 1)
+        sol = torch.linalg.lstsq(A, ys.log()[:, None]).solution[:, 0]
+        return (float(sol[1]),)
+    A = torch.stack([xs**p for p in range(4)], 1)
+    sol = torch.linalg.lstsq(A, ys[:, None]).solution[:, 0]
+    return tuple(float(c) for c in sol)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebiasedAttention(ScoreMethod):
+    """Host attention score x positional de-trending, padding last (standalone: FastV host, layer 2)."""
+
+    name = "debiased_attention"
+    stage = "layer"
+
+    host: str = "fastv"
+    host_options: dict = field(default_factory=dict)
+    trend: str = "exp"
+    coef: tuple[float, ...] | None = None
+    pad_threshold: float | None = 0.5
+    _host: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from vtprune.registry import METHODS
+
+        hcls = METHODS.get(self.host)
+        if not issubclass(hcls, ScoreMethod) or hcls is DebiasedAttention:
+            raise ValueError(f"debiased_attention: host {self.host!r} is not an attention-scored method "
+                             "(fastv, cls_attention, transition, entropy, ...)")
+        opts = dict(self.host_options)
+        if self.layer is not None:
+            opts["layer"] = self.layer
+        host = build(hcls, opts)
+        object.__setattr__(self, "_host", host)
+        object.__setattr__(self, "layer", host.layer)
+        for attr in ("stage", "pre_llm_ok", "layer_ok", "scored_at_previous_layer"):
+            object.__setattr__(self, attr, getattr(host, attr))
+        if isinstance(self.coef, list):
+            object.__setattr__(self, "coef", tuple(self.coef))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if self.trend not in TRENDS:
+            raise ValueError(f"debiased_attention: trend={self.trend!r}; allowed: {', '.join(map(repr, TRENDS))}")
+        if self.trend != "none" and self.coef is None:
+            raise ValueError(
+                "debiased_attention needs a fitted trend: run vtprune.methods.debiased_attention.calibrate("
+                "model, batches) first, pass coef=..., or use trend='none' (padding suppression only)"
+            )
+        if self.coef is not None and len(self.coef) != (1 if self.trend == "exp" else 4):
+            raise ValueError(f"debiased_attention: trend {self.trend!r} takes {1 if self.trend == 'exp' else 4} "
+                             f"coefficient(s), got {self.coef!r}")
+
+    def required_signals(self, has_cls: bool) -> frozenset[str]:
+        extra = {"padding_fraction"} if self.pad_threshold is not None else set()
+        return self._host.required_signals(has_cls) | extra
+
+    def resolve(self, num_layers: int) -> Method:
+        host = self._host.resolve(num_layers)
+        return dataclasses.replace(self, layer=host.layer) if host.layer != self.layer else self
+
+    def transition_layers(self, num_layers: int) -> tuple[int, ...]:
+        return self._host.transition_layers(num_layers)
+
+    def keep_count(self, budget, n, n0, num_layers, layer):
+        return self._host.keep_count(budget, n, n0, num_layers, layer)
+
+    def score(self, sig: Signals) -> torch.Tensor:
+        s = self._host.score(sig).float()  # (S, N)
+        return s * trend_weights(self.trend, self.coef, s.shape[-1], s.device)
+
+    def select(self, sig: Signals, k: int) -> torch.Tensor:
+        s = self.score(sig)
+        order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # by debiased score
+        if self.pad_threshold is not None:  # then padding patches last (stable keeps the score order)
+            valid = (sig.padding_fraction <= self.pad_threshold).gather(1, order)
+            order = order.gather(1, torch.sort(valid.int(), dim=-1, descending=True, stable=True).indices)
+        return order[:, :k]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("_host", None)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Recorder(Method):
+    """Keeps everything and records the host's normalised scores by relative position (calibration)."""
+
+    name: ClassVar[str] = "debias_recorder"
+    gate: ClassVar[bool] = True
+    host_method: Any = None
+    points: list = field(default_factory=list, compare=False)
+
+    def required_signals(self, has_cls: bool) -> frozenset[str]:
+        return self.host_method.required_signals(has_cls)
+
+    def select(self, sig: Signals, k: int) -> torch.Tensor:
+        s = self.host_method.score(sig).float()  # (S, N)
+        s = s / s.sum(-1, keepdim=True).clamp(min=1e-12)  # per span, so long and short prompts weigh alike
+        n = s.shape[-1]
+        self.points.append(((torch.arange(n) / n).expand(s.shape[0], n).reshape(-1), s.cpu().reshape(-1)))
+        return torch.arange(k, device=sig.device).expand(sig.num_spans, k)
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], host: str = "fastv",
+              trend: str = "exp", host_options: dict | None = None, **kwargs: Any) -> DebiasedAttention:
+    """Fit the positional trend of ``host``'s scores on ``model`` over the given input batches (dicts of
+    model inputs) and return the ready ``debiased_attention`` method."""
+    import vtprune
+
+    base = DebiasedAttention(host=host, host_options=dict(host_options or {}), trend="none", **kwargs)
+    recorder = _Recorder(host_method=base._host, layer=base.layer)
+    object.__setattr__(recorder, "stage", base.stage)
+    object.__setattr__(recorder, "layer_ok", base.layer_ok)
+    object.__setattr__(recorder, "pre_llm_ok", base.pre_llm_ok)
+    with vtprune.prune(model, recorder, ratio=0.0):
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    if not recorder.points:
+        raise ValueError("calibrate: no visual tokens were seen in the given batches")
+    x = torch.cat([p[0] for p in recorder.points])
+    y = torch.cat([p[1] for p in recorder.points])
+    coef = None if trend == "none" else fit_trend(x, y, trend)
+    return dataclasses.replace(base, trend=trend, coef=coef)
