@@ -153,6 +153,9 @@ class _Recorder(Method):
     def required_signals(self, has_cls: bool) -> frozenset[str]:
         return self.host_method.required_signals(has_cls)
 
+    def keep_count(self, budget, n, n0, num_layers, layer):
+        return n  # records, never prunes
+
     def select(self, sig: Signals, k: int) -> torch.Tensor:
         s = self.host_method.score(sig).float()  # (S, N)
         s = s / s.sum(-1, keepdim=True).clamp(min=1e-12)  # per span, so long and short prompts weigh alike
@@ -172,7 +175,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], host: s
     object.__setattr__(recorder, "stage", base.stage)
     object.__setattr__(recorder, "layer_ok", base.layer_ok)
     object.__setattr__(recorder, "pre_llm_ok", base.pre_llm_ok)
-    with vtprune.prune(model, recorder, ratio=0.0):
+    with vtprune.prune(model, recorder, ratio=0.5):  # a gate keeping every token: the model runs unpruned
         with torch.no_grad():
             for batch in batches:
                 model(**batch)

@@ -1,0 +1,370 @@
+"""The issue-3 methods on planted structure only a faithful implementation passes, their budget conventions,
+and the signals they read checked against independent computations."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vtprune
+from cases import rows_for
+from vtprune.methods.coverage import greedy_coverage, vision_coverage
+from vtprune.methods.dart import DART
+from vtprune.methods.debiased_attention import calibrate, fit_trend, trend_weights
+from vtprune.methods.entropy import matrix_entropy
+from vtprune.methods.kcenter import max_sum_diverse
+from vtprune.methods.mmr import mmr, normalise
+from vtprune.methods.visionzip import contextual_merge
+from vtprune.methods.zeroth_order import directions, sads, sensitivity
+from vtprune.signals import Signals
+from vtprune.testing.tiny import IMAGE, build, make_inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str = "sdpa") -> torch.nn.Module:
+    return build(family, attn)
+
+
+def _clusters(sizes, dim=16, spread=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(len(sizes), dim, generator=g), dim=-1)
+    x = torch.cat([c + spread * torch.randn(n, dim, generator=g) for c, n in zip(centres, sizes)])
+    label = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    return x, label
+
+
+# ------------------------------------------------------------------------------------------------ mmr
+def test_mmr_trades_importance_for_diversity():
+    # a big cluster of near-duplicates, all very important, and three orthogonal, less important tokens
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.eye(16)[0] + 0.02 * torch.randn(10, 16, generator=g), torch.eye(16)[1:5]])
+    label = torch.tensor([0] * 10 + [1, 2, 3, 4])
+    imp = torch.tensor([1.0] * 10 + [0.5, 0.45, 0.4, 0.0])  # token 4 is unimportant
+    top = imp.topk(4).indices
+    assert set(label[top].tolist()) == {0}  # importance alone takes four duplicates
+    picks = mmr(x[None], normalise(imp[None]), 4)[0]
+    assert sorted(label[picks].tolist()) == [0, 1, 2, 3]  # MMR: one duplicate, then the other clusters
+    assert int(picks[0]) == 0  # the first pick is the most important token (first index on ties)
+
+
+def test_mmr_matches_the_papers_loop():
+    torch.manual_seed(1)
+    x, imp = torch.randn(40, 8), torch.rand(40)
+    imp_n = normalise(imp[None])[0]
+    sim = F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T
+    sel, best = [], torch.full((40,), -1.0)
+    for _ in range(10):  # Alg. 1, written out
+        score = imp_n.clone() if not sel else 0.5 * imp_n - 0.5 * best
+        score[sel] = -math.inf
+        j = int(score.argmax())
+        sel.append(j)
+        best = torch.maximum(best, sim[:, j])
+    assert mmr(x[None], imp_n[None], 10)[0].tolist() == sel
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+def test_coverage_covers_the_text_first_then_the_image():
+    x, label = _clusters([20, 20, 20, 20], dim=16)
+    z = F.normalize(x[[25, 65]], dim=-1)[None]  # the instruction names clusters 1 and 3
+    from vtprune.methods._instruction import text_coverage
+
+    p = text_coverage(z, torch.ones(1, 2, dtype=torch.bool), x[None], 0.02)
+    q = vision_coverage(x[None], 0.2)
+    picks = greedy_coverage(torch.cat([p, 0.5 * q], 1), 4)[0]
+    assert set(label[picks[:2]].tolist()) == {1, 3}  # the text-matched tokens come first
+    assert sorted(label[picks].tolist()) == [0, 1, 2, 3]  # then coverage of the rest of the image
+
+
+def test_coverage_excludes_padding_but_never_runs_short():
+    cov = torch.rand(1, 6, 8)
+    excluded = torch.tensor([[True] * 6 + [False] * 2])
+    picks = greedy_coverage(cov, 5, excluded)[0]
+    assert set(picks[:2].tolist()) == {6, 7}  # the two valid columns first
+    assert len(set(picks.tolist())) == 5  # then distinct excluded ones, never a repeat
+
+
+# ------------------------------------------------------------------------------------------------ entropy
+def test_entropy_dual_gram_has_the_primal_spectrum_and_ranks_isotropy_high():
+    torch.manual_seed(0)
+    H, d = 8, 32
+    # eigenvalues below 1, where -l ln l grows with spread (the score is not trace-normalised)
+    iso = 0.15 * torch.randn(1, 3, H, d)  # heads point in many directions: high matrix entropy
+    collapsed = 0.15 * torch.randn(1, 3, 1, d).expand(1, 3, H, d) * torch.linspace(0.5, 2, H)[None, None, :, None]
+    q = torch.cat([collapsed, iso], 1) + 0.01 * torch.randn(1, 6, H, d)
+    e = matrix_entropy(q)
+    assert bool((e[0, 3:].min() > e[0, :3].max()))
+    r = q[0, 0].double() - q[0, 0].double().mean(0)
+    primal = torch.linalg.eigvalsh(r.T @ r / H).clamp(min=1e-10)  # d x d covariance
+    expected = -(primal * primal.log()).sum() / math.log(H)
+    assert float(e[0, 0]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("avg,kept", [(64, 29), (128, 98), (192, 166)])
+def test_entropy_average_budget_matches_the_paper(avg, kept):
+    from vtprune.budget import Budget
+
+    m = vtprune.method("entropy")
+    assert m.keep_count(Budget(keep=avg), 576, 576, 32, 2) == kept
+
+
+# ------------------------------------------------------------------------------------------------ zeroth order
+def test_zeroth_order_finds_the_sensitive_tokens():
+    torch.manual_seed(0)
+    proj = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    with torch.no_grad():
+        proj[0].weight.copy_(torch.randn(32, 8))
+        proj[0].bias.zero_()
+        proj[0].weight.abs_()  # positive weights: a very negative input saturates every GELU unit
+    x = torch.randn(20, 8)
+    x[:5] = -10.0  # planted: deep in GELU's flat negative tail, hence (almost) no sensitivity
+    u = directions(64, 8, seed=0)
+    s = sensitivity(x[None], proj, u)[0]
+    assert bool(s[:5].max() < s[5:].min())  # planted insensitive tokens rank last
+    central = sensitivity(x[None], proj, u, h=1e-3, estimator="central")[0]
+    torch.testing.assert_close(central, s, rtol=1e-3, atol=1e-4)  # the exact derivative is the h -> 0 limit
+
+
+def test_sads_first_pick_and_multiplicative_rule():
+    dist = torch.tensor([[[0, 1, 1, 0.1], [1, 0, 0.2, 1], [1, 0.2, 0, 1], [0.1, 1, 1, 0]]]).float()
+    s_hat = torch.tensor([[1.0, 0.5, 0.9, 0.95]])
+    picks = sads(dist, s_hat, 3)[0].tolist()
+    assert picks[0] == 0  # highest sensitivity
+    assert picks[1] == 2  # max of min-distance x S^: token 2 (1 * 0.9) beats 1 (0.5) and 3 (0.1 * 0.95)
+
+
+# ------------------------------------------------------------------------------------------------ visionzip
+def test_visionzip_contextual_token_is_target_plus_mean_of_members():
+    h = torch.arange(12.0).reshape(6, 2)  # six patch features
+    keys = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1], [1, 0], [0, 1]])
+    rest = torch.tensor([0, 1, 2, 3, 4, 5])
+    targets, merged = contextual_merge(h, keys, rest, 2)  # step = 3: targets 0 and 3
+    assert targets.tolist() == [0, 3]
+    # members 1, 2, 4, 5: by key direction 2 and 4 go to target 0, 1 and 5 to target 3
+    torch.testing.assert_close(merged[0], h[0] + (h[2] + h[4]) / 2)
+    torch.testing.assert_close(merged[1], h[3] + (h[1] + h[5]) / 2)
+
+
+def test_visionzip_counts_cls_in_the_budget_and_keeps_dominants():
+    model = _model("llava")
+    inputs = make_inputs(model, rows_for(model)[:1])
+    with vtprune.prune(model, "visionzip", keep=6) as h:  # 6 = 4 dominant + [CLS] + 1 contextual
+        with torch.no_grad():
+            model(**inputs)
+    assert h.stats.visual_after == [6]
+    d, c = vtprune.method("visionzip").split(64, True)
+    assert (d, c) == (53, 10)  # the paper's 54 + 10 counts [CLS] among the dominant tokens
+
+
+# ------------------------------------------------------------------------------------------------ dart
+@pytest.mark.parametrize("budget,kept", [(64, 68), (128, 132), (192, 196)])
+def test_dart_keeps_pivots_plus_eight_topk(budget, kept):
+    from vtprune.budget import Budget
+
+    assert DART().keep_count(Budget(keep=budget), 576, 576, 32, 2) == kept
+
+
+def test_dart_prefers_tokens_unlike_the_pivots():
+    # 12 image tokens: 8 copies of one vector and 4 distinct ones, which carry the large key norms
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.randn(1, 8, generator=g).expand(8, 8), torch.randn(4, 8, generator=g) * 3])[None]
+    keys = torch.cat([torch.ones(8, 1, 4), torch.full((4, 1, 4), 5.0)])[None]  # (1, 12, Hkv=1, 4)
+    no_text = (torch.zeros(1, 1, 8), torch.zeros(1, 1, dtype=torch.bool))
+    sig = Signals(None, stage="layer", layer=2, rows=torch.tensor([0]), positions=torch.arange(12)[None],
+                  ordinals=torch.zeros(1, dtype=torch.long), given={
+                      "tokens": h, "text_tokens": no_text, "final_norm": lambda t: t,
+                      "prompt_positions": torch.arange(12)[None],
+                      ("prev_keys", (("part", "visual"),)): keys,
+                      ("prev_keys", (("part", "text"),)): (torch.zeros(1, 1, 1, 4), no_text[1])})
+    picks = set(DART(pivots=2, text_pivots=2).select(sig, 6)[0].tolist())
+    assert len(picks) == 6 and len(picks & {8, 9, 10, 11}) == 4  # the distinct tokens all survive...
+    assert len(picks & set(range(8))) == 2  # ... and the eight duplicates count as one or two
+
+
+# ------------------------------------------------------------------------------------------------ debiasing
+def test_debiasing_recovers_a_planted_exponential_trend():
+    torch.manual_seed(0)
+    n = 64
+    x = torch.arange(n) / n
+    truth = torch.rand(200, n)
+    biased = truth * torch.exp(2.5 * x)  # recency bias: later tokens look more important
+    y = biased / biased.sum(-1, keepdim=True)
+    (b,) = fit_trend(x.expand(200, n).reshape(-1), y.reshape(-1), "exp")
+    assert b == pytest.approx(2.5, abs=0.15)
+    w = trend_weights("exp", (b,), n, torch.device("cpu"))
+    debiased = biased * w
+    overlap = lambda a: len(set(a.topk(8).indices.tolist()) & set(truth[0].topk(8).indices.tolist()))  # noqa: E731
+    assert overlap(debiased[0]) >= 7 and overlap(biased[0]) < 7
+
+
+def test_calibrate_fits_the_models_own_attention_and_prunes():
+    model = _model("llava")
+    inputs = make_inputs(model, rows_for(model))
+    method = calibrate(model, [inputs], host="fastv", host_options={"layer": 1})
+    assert method.coef is not None and len(method.coef) == 1
+    with vtprune.prune(model, method, ratio=0.5) as h:
+        with torch.no_grad():
+            model(**inputs)
+    assert h.stats.visual_after == [8, 8]
+    with pytest.raises(ValueError, match="needs a fitted trend"):
+        vtprune.method("debiased_attention")
+
+
+def test_debiasing_ranks_padding_last():
+    s = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    pad = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    m = vtprune.method("debiased_attention", host="cls_attention", trend="none")
+    sig = Signals.from_tensors(cls_attention=s, padding_fraction=pad)
+    assert m.select(sig, 2)[0].tolist() == [1, 2]
+
+
+def test_padding_fraction_reads_expand2square_fill():
+    model = _model("llava")
+    inputs = make_inputs(model, rows_for(model)[:1])
+    pv = inputs["pixel_values"].clone()
+    fill = torch.tensor([-0.0112, -0.0097, -0.0103])  # the normalised mean colour
+    pv[:, :, :14] = fill[:, None, None]  # the top row of patches is padding (band of 14 px)
+    seen = {}
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from vtprune.methods.base import Method
+
+    @dataclass(frozen=True, kw_only=True)
+    class PadProbe(Method):
+        name: ClassVar[str] = "pad_probe"
+        requires: ClassVar[frozenset] = frozenset({"padding_fraction"})
+
+        def select(self, sig, k):
+            seen["pad"] = sig.padding_fraction
+            return torch.arange(k).expand(sig.num_spans, k)
+
+    with vtprune.prune(model, PadProbe(), keep=1), torch.no_grad():
+        model(**{**inputs, "pixel_values": pv})
+    pad = seen["pad"][0].reshape(4, 4)
+    assert torch.equal(pad[0], torch.ones(4)) and torch.equal(pad[1:], torch.zeros(3, 4))
+
+
+# ------------------------------------------------------------------------------------------------ ToDRE
+def test_todre_max_sum_spreads_from_the_pivot():
+    x, label = _clusters([10, 10, 10, 10])
+    picks = max_sum_diverse(x[None], 4, torch.tensor([3]))[0]
+    assert int(picks[0]) == 3 and sorted(label[picks].tolist()) == [0, 1, 2, 3]
+
+
+def test_todre_gate_drops_a_span_below_tau():
+    m = vtprune.method("todre_drop", layer=2, tau=0.3)
+    sig = Signals.from_tensors(text_attention=torch.tensor([[0.1, 0.1, 0.05], [0.3, 0.2, 0.1]]), stage="layer")
+    out = m.select(sig, 3)
+    assert out.drop.tolist() == [True, False] and out.index.shape == (2, 3)
+
+
+def test_todre_expands_into_a_second_stage():
+    model = _model("llava")
+    with vtprune.prune(model, "kcenter", variant="todre", drop_layer="auto", ratio=0.5) as h:
+        assert [s.label for s in h.steps] == ["input", "layer:3"] or [s.label for s in h.steps][0] == "input"
+        assert h.steps[1].method.name == "todre_drop"
+
+
+# ------------------------------------------------------------------------------------------------ transition
+def test_transition_schedule_scales_to_depth_and_budget():
+    from vtprune.budget import Budget
+
+    t = vtprune.method("transition").resolve(32)
+    assert t.layers == (7, 9, 12) and t.accumulate == tuple(range(6, 12))
+    counts = [t.keep_count(Budget(ratio=0.875), n, 576, 32, K) for n, K in ((576, 7), (504, 9), (360, 12))]
+    assert counts == [504, 360, 72]  # 87.5%, 62.5%, 12.5% of the original 576
+    assert vtprune.method("transition").resolve(28).layers == (6, 8, 11)
+    half = [t.keep_count(Budget(keep=36), n, 576, 32, K) for n, K in ((576, 7), (504, 9), (360, 12))]
+    assert half[-1] == 36 and half[0] == 252  # keep= sets the last stage, earlier ones scale alike
+
+
+def test_transition_variation_matches_hooks_on_the_sublayers():
+    """The engine's TTV equals |x_out| / |x_in| * softmax(1 - cos) computed from our own hooks."""
+    model = _model("llava")
+    inputs = make_inputs(model, rows_for(model)[:1])
+    layer = model.model.language_model.layers[0]
+    got = {}
+
+    def grab(name):
+        def hook(mod, args, kwargs, out):
+            x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            got[name] = (x_in.detach(), (out[0] if isinstance(out, tuple) else out).detach())
+        return hook
+
+    hs = [layer.self_attn.register_forward_hook(grab("attn"), with_kwargs=True),
+          layer.mlp.register_forward_hook(grab("mlp"), with_kwargs=True)]
+    seen = {}
+    from vtprune.methods.transition import TransPrune
+
+    class Spy(TransPrune):
+        def score(self, sig):
+            seen["ttv"] = sig.transition("cos")
+            seen["pos"] = sig.positions
+            return super().score(sig)
+
+    try:
+        with vtprune.prune(model, Spy(layer=(1,), fractions=(0.5,), accumulate=(0,)), ratio=0.5), torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hs:
+            h.remove()
+    expected = 0
+    for name in ("attn", "mlp"):
+        x_in, x_out = (t[0].float() for t in got[name])
+        mag = x_out.norm(dim=-1) / x_in.norm(dim=-1)
+        expected = expected + mag * (1 - F.cosine_similarity(x_in, x_out, dim=-1)).softmax(-1)
+    torch.testing.assert_close(seen["ttv"][0], expected[seen["pos"][0]], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ decoder signals
+def test_prev_queries_keys_and_self_attention_match_eager():
+    """Post-RoPE queries/keys of layer K-1 and layer K's own text attention, against an eager forward."""
+    model = _model("llava", "eager")
+    inputs = make_inputs(model, rows_for(model)[:1])
+    seen = {}
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from vtprune.methods.base import Method
+
+    @dataclass(frozen=True, kw_only=True)
+    class QKProbe(Method):
+        name: ClassVar[str] = "qk_probe"
+        stage: ClassVar[str] = "layer"
+        pre_llm_ok: ClassVar[bool] = False
+        scored_at_previous_layer: ClassVar[bool] = True
+        requires: ClassVar[frozenset] = frozenset({"prev_queries", "prev_keys", "text_attention"})
+
+        def select(self, sig, k):
+            seen.update(q=sig.prev_queries, k=sig.prev_keys("visual"), pos=sig.positions,
+                        self_att=sig.text_attention("last", layer="self"))
+            return torch.arange(k).expand(sig.num_spans, k)
+
+    with vtprune.prune(model, QKProbe(layer=2), keep=1), torch.no_grad():
+        model(**inputs)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    attn = model.model.language_model.layers[1].self_attn
+    # recompute layer 1's rotated q/k from its input hidden state, the standard way
+    with torch.no_grad():
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+        x = model.model.language_model.layers[1].input_layernorm(hs[1])
+        L = x.shape[1]
+        cos, sin = model.model.language_model.rotary_emb(x, torch.arange(L)[None])
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q = attn.q_proj(x).view(1, L, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, L, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    pos = seen["pos"][0]
+    torch.testing.assert_close(seen["q"][0], q[0, :, pos].transpose(0, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["k"][0], k[0, :, pos].transpose(0, 1), atol=1e-5, rtol=1e-4)
+    expected = out.attentions[2][0, :, -1].mean(0)[pos]  # layer K = 2 attention of the last token
+    torch.testing.assert_close(seen["self_att"][0], expected, atol=1e-6, rtol=1e-5)
+    assert IMAGE == 500
