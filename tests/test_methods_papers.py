@@ -368,3 +368,16 @@ def test_prev_queries_keys_and_self_attention_match_eager():
     expected = out.attentions[2][0, :, -1].mean(0)[pos]  # layer K = 2 attention of the last token
     torch.testing.assert_close(seen["self_att"][0], expected, atol=1e-6, rtol=1e-5)
     assert IMAGE == 500
+
+
+def test_entropy_collapse_calibration():
+    from vtprune.methods.entropy import collapse_layer, entropy_profile, global_matrix_entropy
+
+    assert collapse_layer([0.9, 0.88, 0.5, 0.45, 0.44]) == 2  # the big drop happens in layer 1
+    g = torch.Generator().manual_seed(0)
+    iso, low = torch.randn(64, 32, generator=g), torch.randn(64, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    assert global_matrix_entropy(iso) > global_matrix_entropy(low)  # rank-2 tokens: low matrix entropy
+    model = _model("llava")
+    report = entropy_profile(model, [make_inputs(model, rows_for(model))])
+    assert report["samples"] == 2 and len(report["global"]) == 3 and 1 <= report["layer"] <= 2
+    assert report["layer"] == collapse_layer(report["global"])

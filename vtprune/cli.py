@@ -16,6 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--reps", type=int, default=5, help="timed repetitions per configuration (median reported)")
     demo.add_argument("--out", default="out", help="directory for demo.csv and demo_speedup.png")
     demo.add_argument("--no-plot", action="store_true")
+    cal = sub.add_parser("calibrate-entropy", help="measure the entropy-collapse layer of a model (EntropyPrune)")
+    cal.add_argument("--model", required=True,
+                     help="a local model directory (with its processor), or tiny:<family> for a random tiny model")
+    cal.add_argument("--images", help="a folder of images (default: the offline synthetic VQA scenes)")
+    cal.add_argument("--prompt", default="Describe the image.", help="question asked about every image")
+    cal.add_argument("--samples", type=int, default=16)
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("models", help="list the supported model families")
     args = parser.parse_args(argv)
@@ -24,6 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.bench.demo import run
 
         run(reps=args.reps, out_dir=args.out, plot=not args.no_plot)
+    elif args.command == "calibrate-entropy":
+        from vtprune.methods.entropy import entropy_profile
+
+        model, batches = _calibration_inputs(args)
+        report = entropy_profile(model, batches)
+        print(f"matrix entropy of the visual tokens entering each decoder layer ({report['samples']} samples):")
+        for l, (g, t) in enumerate(zip(report["global"], report["per_token"])):
+            drop = report["global"][l - 1] - g if l else 0.0
+            print(f"  layer {l:>3}: global {g:.4f}  (drop {drop:+.4f})   per-token query entropy {t:.4f}")
+        print(f"entropy-collapse layer: {report['layer'] - 1}; prune at its output: "
+              f"vtprune.prune(model, 'entropy', layer={report['layer']}, ...)")
     elif args.command == "methods":
         from vtprune.registry import METHODS
 
@@ -36,6 +53,37 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(vtprune.list_models(), indent=2))
     return 0
+
+
+def _calibration_inputs(args: argparse.Namespace) -> tuple:
+    """(model, batches) for ``calibrate-entropy``: a tiny random model, or a local checkpoint + processor
+    over images from a folder or from the offline synthetic scene generator."""
+    import torch
+
+    if args.model.startswith("tiny:"):
+        from vtprune.testing.tiny import Row, build, make_inputs
+
+        model = build(args.model.split(":", 1)[1])
+        return model, [make_inputs(model, [Row(seed=i)]) for i in range(args.samples)]
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
+    if args.images:
+        from pathlib import Path
+
+        files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        images = [Image.open(p).convert("RGB") for p in files[: args.samples]]
+    else:
+        from vtprune.synthetic import heldout_samples  # the offline VQA scenes (issue 6)
+
+        images = [s.image for s in heldout_samples(args.samples)]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    batches = [dict(processor(images=[im], text=[text], return_tensors="pt")) for im in images]
+    with torch.no_grad():
+        return model, batches
 
 
 if __name__ == "__main__":
