@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -39,7 +40,8 @@ def interpreting() -> bool:
 def resolve_backend(backend: str, device: torch.device) -> Backend:
     """Pick the implementation for tensors on ``device``.
 
-    ``"auto"`` defers to ``$VTPRUNE_BACKEND`` if set, else Triton on CUDA when Triton imports, torch otherwise.
+    ``"auto"`` defers to ``$VTPRUNE_BACKEND`` if set, else picks Triton on CUDA when Triton imports, torch
+    otherwise.
     Asking for Triton explicitly raises ``ImportError`` if it is missing, and ``RuntimeError`` for CPU tensors
     unless the interpreter is on (``TRITON_INTERPRET=1``, which is how the CPU tests run the kernels).
     """
@@ -59,10 +61,22 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
             )
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
-                f"backend='triton' got tensors on {device.type!r}: Triton kernels run on CUDA, or on CPU only "
-                "under the interpreter (set TRITON_INTERPRET=1 before the first kernel is used)"
+                f"backend='triton' got tensors on {device.type!r}: Triton kernels run on CUDA, or on CPU "
+                "only under the interpreter (set TRITON_INTERPRET=1 before the first kernel is used)"
             )
     return backend  # type: ignore[return-value]
+
+
+def check_launchable(device: torch.device, decorated_interpreted: bool) -> None:
+    """Raise if kernels decorated in one mode meet tensors of the other (CPU needs interpreted kernels).
+
+    ``TRITON_INTERPRET`` counts when a kernel is decorated: flipping it after the first use has no effect.
+    """
+    if device.type != "cuda" and not decorated_interpreted:
+        raise RuntimeError(
+            "vtprune's Triton kernels were compiled for CUDA (TRITON_INTERPRET was unset when they were "
+            f"first used) and cannot run on {device.type!r} tensors; set TRITON_INTERPRET=1 before first use"
+        )
 
 
 def load_triton_module(name: str) -> ModuleType:

@@ -4,7 +4,8 @@ One kernel serves both layouts. A program copies a (BLOCK_K kept rows) x (BLOCK_
 programs of the first feature block also write those rows' position ids (all R M-RoPE rows) and mask, so
 the hidden states, positions and mask come out of a single launch that reads each kept row once.
 The op is a pure copy, i.e. memory-bound: the goal on a GPU is >= 80 % of DRAM bandwidth for the
-hidden-state traffic (read + write of B * L' * D elements); on CUDA the tile shape is autotuned per (D, dtype).
+hidden-state traffic (read + write of B * L' * D elements); on CUDA the tile shape is autotuned per
+(D, dtype).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import block, device_context, interpreting
+from ._backend import block, check_launchable, device_context, interpreting
 from .gather import GatherOutput, VarlenOutput, _prepare, varlen_layout
+
+INTERPRETED = interpreting()  # the mode the kernels below are decorated in
 
 
 @triton.jit
@@ -94,9 +97,11 @@ def _launch(
     out: torch.Tensor,
     pos_out: torch.Tensor | None,
     mask_out: torch.Tensor | None,
+    blocks: tuple[int, int] | None,
 ) -> None:
     B, n_keep = index.shape
     D = hidden.shape[2]
+    check_launchable(hidden.device, INTERPRETED)
     if B == 0 or n_keep == 0:
         return
     packed = dest is not None
@@ -110,8 +115,8 @@ def _launch(
     else:
         po = pos_out.stride()  # (R, B, L')
     args = (
-        hidden, index, _as_int(valid), pos if pos is not None else dummy, _as_int(mask) if mask is not None else dummy,
-        dest if packed else dummy,
+        hidden, index, _as_int(valid), pos if pos is not None else dummy,
+        _as_int(mask) if mask is not None else dummy, dest if packed else dummy,
         out, pos_out if pos_out is not None else dummy, _as_int(mask_out) if mask_out is not None else dummy,
         n_keep, D, pos.shape[0] if pos is not None else 0,
         *hidden.stride(), *index.stride(), *valid.stride(),
@@ -124,12 +129,12 @@ def _launch(
     flags = dict(HAS_POS=pos is not None, HAS_MASK=mask is not None, WRITE_MASK=mask_out is not None,
                  PACKED=packed)
     with device_context(hidden.device):
-        if hidden.is_cuda and not interpreting():
+        if hidden.is_cuda and not INTERPRETED and blocks is None:
             grid = lambda meta: (B, triton.cdiv(n_keep, meta["BLOCK_K"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
             _gather_sequence_tuned[grid](*args, **flags)
         else:
             # Interpreter: every program runs serially in numpy (~2-3 ms each), so take few, large tiles.
-            bk, bd = block(n_keep, hi=128), block(D, lo=16, hi=4096)
+            bk, bd = blocks or (block(n_keep, hi=128), block(D, lo=16, hi=4096))
             grid = (B, triton.cdiv(n_keep, bk), triton.cdiv(D, bd))
             _gather_sequence_kernel[grid](*args, **flags, BLOCK_K=bk, BLOCK_D=bd)
 
@@ -140,8 +145,13 @@ def gather_sequence_triton(
     valid: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    *,
+    blocks: tuple[int, int] | None = None,
 ) -> GatherOutput:
-    """Triton :func:`~vtprune.kernels.gather.gather_sequence`: one launch for hidden, positions and mask."""
+    """Triton :func:`~vtprune.kernels.gather.gather_sequence`: one launch for hidden, positions and mask.
+
+    ``blocks=(BLOCK_K, BLOCK_D)`` fixes the tile (tests, tuning); by default it is autotuned on CUDA.
+    """
     squeeze = position_ids is not None and position_ids.dim() == 2
     index, valid, pos, mask = _prepare(hidden, index, valid, position_ids, attention_mask)
     B, n_keep = index.shape
@@ -149,7 +159,7 @@ def gather_sequence_triton(
     pos_out = None if pos is None else pos.new_empty(pos.shape[0], B, n_keep)  # (R, B, L')
     mask_out = torch.empty(B, n_keep, dtype=mask.dtype if mask is not None else torch.long,
                            device=hidden.device)  # (B, L')
-    _launch(hidden, index, valid, pos, mask, None, out, pos_out, mask_out)
+    _launch(hidden, index, valid, pos, mask, None, out, pos_out, mask_out, blocks)
     if pos_out is not None and squeeze:
         pos_out = pos_out[0]
     return GatherOutput(out, pos_out, mask_out)
@@ -160,6 +170,8 @@ def pack_varlen_triton(
     index: torch.Tensor,
     valid: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    *,
+    blocks: tuple[int, int] | None = None,
 ) -> VarlenOutput:
     """Triton :func:`~vtprune.kernels.gather.pack_varlen`: the same kernel, storing slot (b, j) at packed
     row ``cu_seqlens[b] + (number of valid slots before j)`` (a cumsum in torch) and skipping padding."""
@@ -170,7 +182,7 @@ def pack_varlen_triton(
     dest = cu[:-1, None].long() + valid.long().cumsum(1) - 1  # (B, L') packed row of each valid slot
     out = hidden.new_empty(T, hidden.shape[2])  # (T, D)
     pos_out = None if pos is None else pos.new_empty(pos.shape[0], T)  # (R, T)
-    _launch(hidden, index, valid, pos, None, dest, out, pos_out, None)
+    _launch(hidden, index, valid, pos, None, dest, out, pos_out, None, blocks)
     if pos_out is not None and squeeze:
         pos_out = pos_out[0]
     return VarlenOutput(out, cu, max_seqlen, pos_out)
