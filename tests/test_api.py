@@ -210,7 +210,9 @@ def test_handle_config_round_trips_through_json(model):
 
 def test_method_dict_has_version_and_rejects_newer():
     d = vtprune.method("kcenter", ratio=0.5).to_dict()
-    assert d == {"method": "kcenter", "version": 1, "ratio": 0.5, "keep": None, "layer": None, "variant": "divprune"}
+    assert d == {"method": "kcenter", "version": 1, "ratio": 0.5, "keep": None, "layer": None, "variant": "divprune",
+                 "pivot": "auto", "vit_layer": None, "seed": 0, "drop_layer": None, "tau": 0.1}
+    assert vtprune.Method.from_dict(d) == vtprune.method("kcenter", ratio=0.5)
     with pytest.raises(ValueError, match="newer vtprune"):
         vtprune.Method.from_dict({**d, "version": 99})
 

@@ -66,13 +66,20 @@ def test_kcenter_matches_ref(S, N, D, dtype):
             assert torch.equal(picks.sort(1).values, torch.arange(N, device=DEVICE).expand(S, N))
 
 
-def test_kcenter_ref_equals_dense_method():
-    """The streaming twin makes the same picks as the method's N x N farthest-point greedy."""
-    from vtprune.methods.kcenter import cosine_distance, kcenter_greedy
+def test_kcenter_ref_equals_dense_farthest_point():
+    """The streaming twin makes the same picks as the textbook O(k^2 N) loop over an N x N distance matrix."""
+    from vtprune.methods.kcenter import cosine_distance
 
     x = torch.randn(3, 77, 129, device=DEVICE)
     first = torch.randint(0, 77, (3,), device=DEVICE)
-    assert torch.equal(greedy_kcenter_ref(x, 30, first), kcenter_greedy(cosine_distance(x), 30, first))
+    dist = cosine_distance(x)
+    for s in range(3):
+        picks = [int(first[s])]
+        for _ in range(29):
+            score = dist[s][picks].min(0).values  # distance to the nearest selected token
+            score[picks] = -float("inf")
+            picks.append(int(score.argmax()))
+        assert greedy_kcenter_ref(x, 30, first)[s].tolist() == picks
 
 
 def test_kcenter_multi_block_and_non_contiguous():

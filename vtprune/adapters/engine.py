@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from vtprune.adapters.base import Adapter, VisionRecord
+from vtprune.kernels import attention_rows, gather_sequence
 from vtprune.budget import Budget
 from vtprune.methods.base import Method, Selection
 from vtprune.signals import Signals
@@ -482,10 +483,11 @@ class Engine:
         base_pruned = cur.version > 0
         pos_shift = None
         new: dict[str, Any] = {}
-        if base_pruned:
-            new["inputs_embeds"] = _take(fwd.embeds, index)
-            new["attention_mask"] = fwd.base_mask if mask is None else fwd.base_mask.to(mask.dtype)
-            new["position_ids"] = take_positions(pos, index)
+        if base_pruned:  # one fused pass: kept rows, their positions and mask (vtprune.kernels)
+            out = gather_sequence(fwd.embeds, index, cur.valid, position_ids=pos, attention_mask=mask0)
+            new["inputs_embeds"] = out.hidden
+            new["attention_mask"] = out.attention_mask if mask is None else out.attention_mask.to(mask.dtype)
+            new["position_ids"] = out.position_ids
             new.update(self.adapter.extra_lm_inputs(kwargs, index, cur.valid))
         if self.positions == "compact" and base_pruned:
             new["position_ids"], pos_shift = compact_positions(new["position_ids"], fwd.base_mask.bool())
@@ -582,7 +584,7 @@ class Engine:
                     hidden = hidden.clone()
                     rows, pos, vals = values
                     hidden[rows, pos] = vals.to(hidden.dtype)
-                hidden = _take(hidden, order)
+                hidden = gather_sequence(hidden, order, new_valid).hidden  # (B, L', D)
                 local = local.gather(1, order)
                 cur = IndexMap(torch.where(new_valid, cur.index.gather(1, order), -1), new_valid, cur.version + 1)
                 changed = True
@@ -991,19 +993,12 @@ class _StageView:
 
     def _text_attention(self, ctx: dict[str, Any], query: str, per_head: bool) -> torch.Tensor:
         attn, x, cos, sin, attend = ctx["attn"], ctx["x"], ctx["cos"], ctx["sin"], ctx["attend"]
-        ar = torch.arange(x.shape[1], device=x.device)
         q_idx, q_ok = self._text_rows(ctx, query)
         q = self._project(attn, _take(x, q_idx), _take(cos, q_idx), _take(sin, q_idx), key=False)  # (B, H, Tq, d)
-        k = self._ctx_keys(ctx)
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # GQA: (B, H, Lc, d)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Tq, Lc)
-        allowed = attend[:, None, None, :] & (ar[None, None, None, :] <= q_idx[:, None, :, None])
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, Tq, Lc)
-        probs = probs.nan_to_num(0.0)  # padding query slots of ragged rows see no key at all
-        w = q_ok.float() / q_ok.float().sum(1, keepdim=True).clamp(min=1)  # (B, Tq)
-        probs = (probs * w[:, None, :, None]).sum(2)  # (B, H, Lc)
-        return probs if per_head else probs.mean(1)
+        k = self._ctx_keys(ctx)  # (B, Hkv, Lc, d)
+        # only the Tq query rows, streamed over key blocks (vtprune.kernels): never an L x L map
+        return attention_rows(q, k.to(q.dtype), scale=attn.scaling, key_valid=attend, query_pos=q_idx,
+                              query_weight=q_ok.float(), reduce="none" if per_head else "mean")
 
     def _sig_prev_queries(self, sig: Signals) -> torch.Tensor:
         ctx = self._attn_ctx("prev")

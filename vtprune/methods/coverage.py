@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vtprune.kernels import greedy_coverage as kernel_coverage
 from vtprune.methods._instruction import instruction_embeddings, text_coverage
 from vtprune.methods.base import Method
 from vtprune.signals import Signals
@@ -91,7 +92,9 @@ class Coverage(Method):
         q = vision_coverage(sig.vit_features, self.tau_vision)  # (S, N, N)
         cov = torch.cat([p, self.alpha * q], dim=1)  # (S, T + N, N)
         excluded = sig.padding_fraction >= 1.0 if self.exclude_padding else None  # entirely inside the band
-        return greedy_coverage(cov, k, excluded)
+        if excluded is None or bool(((~excluded).sum(-1) >= k).all()):  # the fused kernel path
+            return kernel_coverage(cov, k, None if excluded is None else ~excluded)
+        return greedy_coverage(cov, k, excluded)  # too few valid patches: padding ones fill the budget
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -16,8 +16,8 @@ their original order and positions.
 
 Differences from the reference:
   * O(kN) running minimum instead of recomputing the min over all selected rows each step (O(k^2 N));
-    same picks. Already-selected tokens are excluded explicitly, so exact duplicates can never be
-    picked twice (the reference relies on d(j, j) = 0 being the minimum).
+    same picks (one fused kernel launch per pick on GPU). Already-selected tokens are excluded
+    explicitly, so exact duplicates can never be picked twice (the reference relies on d(j, j) = 0).
   * Distances are computed in float32 whatever the model dtype (the reference uses the model dtype).
   * LLaVA-NeXT: the reference selects once over the whole flattened sequence, ``image_newline``
     tokens included; vtprune never selects newline tokens (they follow the AnyRes rule) and applies the
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 import dataclasses
 
+from vtprune.kernels import greedy_kcenter
 from vtprune.methods.base import LayerSpec, Method, Selection
 from vtprune.signals import Signals
 
@@ -50,22 +51,6 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """(S, N, D) -> (S, N, N) pairwise 1 - cos, in float32."""
     xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
     return 1.0 - xn @ xn.transpose(1, 2)  # (S, N, N)
-
-
-def kcenter_greedy(dist: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
-    """Farthest-point greedy from ``first`` (S,) on a distance matrix (S, N, N) -> (S, k) picks."""
-    S = dist.shape[0]
-    rows = torch.arange(S, device=dist.device)
-    picks = torch.empty(S, k, dtype=torch.long, device=dist.device)
-    picks[:, 0] = first
-    mind = dist[rows, first].clone()  # (S, N) distance to the nearest selected token
-    mind[rows, first] = -torch.inf
-    for t in range(1, k):
-        nxt = mind.argmax(dim=-1)  # (S,) first index on ties, like torch.argmax in the reference
-        picks[:, t] = nxt
-        mind = torch.minimum(mind, dist[rows, nxt])  # (S, N)
-        mind[rows, nxt] = -torch.inf  # selected stay at -inf: min(-inf, .) = -inf
-    return picks
 
 
 def divprune(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,7 +62,7 @@ def divprune(x: torch.Tensor, k: int) -> torch.Tensor:
     # First pick: the largest nearest-neighbour distance (2nd smallest of each column; the smallest is self).
     nn_dist = dist.topk(2, dim=1, largest=False).values[:, 1, :]  # (S, N)
     first = nn_dist.argmax(dim=-1)  # (S,)
-    return kcenter_greedy(dist, k, first)
+    return greedy_kcenter(x, k, first)  # fused steps, distances on the fly (vtprune.kernels)
 
 
 def max_sum_diverse(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
@@ -162,7 +147,7 @@ class KCenter(Method):
         first = self._pivot(sig)
         if self.variant == "todre":
             return max_sum_diverse(sig.tokens, k, first)
-        return kcenter_greedy(cosine_distance(sig.tokens), k, first)
+        return greedy_kcenter(sig.tokens, k, first)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vtprune.kernels import greedy_mmr
 from vtprune.methods._instruction import instruction_embeddings, text_coverage
 from vtprune.methods.base import Method
 from vtprune.signals import Signals
@@ -105,6 +106,8 @@ class MMR(Method):
         return normalise(w)  # (S, N)
 
     def select(self, sig: Signals, k: int) -> torch.Tensor:
+        if self.parallel_k == 1:  # the classic loop: one fused kernel launch per pick
+            return greedy_mmr(sig.tokens, self.importance_of(sig), k, self.lam)
         return mmr(sig.tokens, self.importance_of(sig), k, self.lam, self.parallel_k)
 
     def to_dict(self) -> dict[str, Any]:
