@@ -76,9 +76,9 @@ def _calibration_inputs(args: argparse.Namespace) -> tuple:
         files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         images = [Image.open(p).convert("RGB") for p in files[: args.samples]]
     else:
-        from vtprune.synthetic import heldout_samples  # the offline VQA scenes (issue 6)
+        from vtprune.synthetic.scenes import heldout  # the offline VQA scenes
 
-        images = [s.image for s in heldout_samples(args.samples)]
+        images = [s.image for s in heldout(args.samples)]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     batches = [dict(processor(images=[im], text=[text], return_tensors="pt")) for im in images]
