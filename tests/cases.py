@@ -37,6 +37,7 @@ METHOD_CASES = [
     MethodCase("random@layers1,2", "random", {"ratio": 0.3, "layer": (1, 2)}),
     MethodCase("cls+fastv", ["cls_attention", vtprune.method("fastv", layer=2, keep=3)], {"keep": 6}),
     MethodCase("kcenter-global", "kcenter", {"ratio": 0.75, "budget": "global"}),
+    MethodCase("random-temporal", "random", {"ratio": 0.5, "budget": "temporal"}),
     MethodCase("todre", vtprune.method("kcenter", variant="todre", pivot="received"), {"ratio": 0.5}),
     MethodCase("todre_v1+drop", vtprune.method("kcenter", variant="todre_v1", drop_layer=2, tau=0.5),
                {"ratio": 0.5}),

@@ -88,3 +88,32 @@ def test_llava_next_layout_matches_the_real_newlines():
         # base tile: raster grid, group 0
         assert lay.grid[:4].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
         assert int((inputs["input_ids"] == IMAGE).sum()) == lay.num_tokens
+
+
+@pytest.mark.parametrize("total,weights,sizes", [(32, [1, 0.9, 0.001, 0.001], [16] * 4), (10, [1, 1, 1], [3, 5, 9]),
+                                                  (100, [0.2, 0.5], [30, 40]), (5, [1e-3] * 8, [4] * 8)])
+def test_temporal_allocation_is_exact_bounded_and_proportional(total, weights, sizes):
+    out = Budget.allocate(total, weights, sizes)
+    assert sum(out) == min(total, sum(sizes))
+    assert all(1 <= o <= s for o, s in zip(out, sizes)) or total < len(sizes)
+    if total >= len(sizes) and len(set(sizes)) == 1:  # more weight never gets fewer tokens
+        order = sorted(range(len(out)), key=lambda i: -weights[i])
+        assert all(out[a] >= out[b] for a, b in zip(order, order[1:]))
+
+
+def test_temporal_budget_gives_repeated_frames_fewer_tokens():
+    import vtprune
+    from vtprune.testing.tiny import Row, build, make_inputs
+
+    model = build("qwen2_vl")
+    inputs = make_inputs(model, [Row(before=3, after=4, image_size=(56, 56), video_frames=8, seed=1)])
+    pv = inputs["pixel_values_videos"]
+    per = int(inputs["video_grid_thw"][0, 1] * inputs["video_grid_thw"][0, 2])
+    pv[2 * per : 3 * per] = pv[per : 2 * per]  # temporal groups 2 and 3 repeat group 1
+    pv[3 * per : 4 * per] = pv[per : 2 * per]
+    with vtprune.prune(model, "kcenter", ratio=0.5, budget="temporal") as h, torch.no_grad():
+        model(**inputs)
+    video = [s for s in h.stats.stages[0].spans if s.image == 1]
+    assert [s.frame for s in video] == [0, 1, 2, 3]
+    assert sum(s.kept for s in video) == sum(round(0.5 * s.n) for s in video)  # the video's total is kept
+    assert video[2].kept == video[3].kept == 1 and video[1].kept > 1  # repeats: one token each

@@ -117,11 +117,16 @@ def test_exact_counts_and_text_kept(model, case: MethodCase):
             if step.method.gate:  # a gate keeps the span or drops it whole (ToDRE's stage 2)
                 assert span.kept in (0, span.n), (stage.stage, span)
                 continue
-            if type(step.method).keep_count is Method.keep_count:  # the plain budget: checked independently
+            plain = type(step.method).keep_count is Method.keep_count and step.budget.policy != "temporal"
+            if plain:  # the plain budget: checked independently
                 assert span.budget == step.budget.count(span.n), (stage.stage, span)
             assert span.kept == span.budget, (stage.stage, span)
         assert sum(s.n for s in stage.spans) == sum(stage.before)
         assert [sum(s.kept for s in stage.spans if s.row == b) for b in range(len(stage.before))] == stage.after
+        if step.budget.policy == "temporal":  # a video keeps the sum of its frames' budgets, redistributed
+            for image in {s.image for s in stage.spans}:
+                frames = [s for s in stage.spans if s.image == image]
+                assert sum(s.kept for s in frames) == sum(min(s.n, step.budget.count(s.n)) for s in frames)
     for b, kept in enumerate(stats.kept_positions):
         text = (~visual[b]).nonzero()[:, 0]
         assert torch.isin(text, kept).all(), "a text token was dropped"

@@ -9,6 +9,10 @@ A *span* is the unit a budget applies to, chosen by the policy:
 * ``"per_frame"`` (default): every image is one span and every video frame is one span;
 * ``"per_image"``: every image is one span and a whole video is one span;
 * ``"global"``: all visual tokens of one sample (batch row) form one span, so images compete.
+* ``"temporal"``: every frame is a span, but a video's total (the sum of its per-frame budgets) is
+  re-allocated across its frames by novelty: frame f's share is proportional to
+  1 - cos(mean token of f, mean token of f-1) (the first frame counts as fully novel), so frames that
+  repeat their predecessor get fewer tokens (at least 1, at most all); images behave as ``per_frame``.
 
 Structural tokens are never candidates and never count: LLaVA-NeXT's ``image_newline`` tokens are kept
 exactly when their row of the AnyRes canvas keeps at least one token (see README, "AnyRes rule").
@@ -21,8 +25,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Literal
 
-Policy = Literal["per_frame", "per_image", "global"]
-POLICIES: tuple[str, ...] = ("per_frame", "per_image", "global")
+Policy = Literal["per_frame", "per_image", "global", "temporal"]
+POLICIES: tuple[str, ...] = ("per_frame", "per_image", "global", "temporal")
 
 
 def check_ratio(ratio: object, *, owner: str = "prune()") -> float:
@@ -78,6 +82,30 @@ class Budget:
     @property
     def is_identity(self) -> bool:
         return self.ratio == 0.0
+
+    @staticmethod
+    def allocate(total: int, weights: list[float], sizes: list[int]) -> list[int]:
+        """Split ``total`` tokens over frames in proportion to ``weights``: at least 1 and at most
+        ``sizes[f]`` per frame, exactly ``min(total, sum(sizes))`` in all (water-filling with floors, then
+        the remainder by largest fractional share; earlier frames win ties)."""
+        total = min(total, sum(sizes))
+        out = [min(1, s) for s in sizes]
+        if sum(out) > total:  # fewer tokens than frames (never with per-frame budgets >= 1): most novel first
+            out = [0] * len(sizes)
+            for i in sorted((i for i, s in enumerate(sizes) if s), key=lambda i: (-weights[i], i))[:total]:
+                out[i] = 1
+        while (left := total - sum(out)) > 0:
+            room = [i for i, s in enumerate(sizes) if out[i] < s]
+            wsum = sum(weights[i] for i in room)
+            share = {i: left * weights[i] / wsum for i in room}
+            floors = {i: min(sizes[i] - out[i], math.floor(share[i])) for i in room}
+            if not any(floors.values()):  # less than one token per frame left: largest shares first
+                for i in sorted(room, key=lambda i: (-share[i], i))[:left]:
+                    out[i] += 1
+                break
+            for i, f in floors.items():
+                out[i] += f
+        return out
 
     def __str__(self) -> str:
         amount = f"ratio={self.ratio:g}" if self.ratio is not None else f"keep={self.keep}"

@@ -698,7 +698,7 @@ class Engine:
             orig = fwd.base.index.clamp(min=0).gather(1, orig)
         cand = cur.valid & lay.cand.gather(1, orig)  # (B, Lc)
         policy = step.budget.policy
-        if policy == "per_frame":
+        if policy in ("per_frame", "temporal"):
             key = lay.image.gather(1, orig) * 1_000_000 + lay.frame.gather(1, orig)
         elif policy == "per_image":
             key = lay.image.gather(1, orig)
@@ -723,15 +723,20 @@ class Engine:
         ordinals, seen = [], {}
         span_stats = []
         method = step.method
+        temporal = (self._temporal_budgets(step, fwd, view, orig, tokens, p_idx, starts, counts_l, rows_l, span_keys)
+                    if policy == "temporal" else None)
         for s, (n, r) in enumerate(zip(counts_l, rows_l)):
             ordinals.append(seen.get(r, 0))
             seen[r] = ordinals[-1] + 1
             # a budget that keeps the whole span keeps it, whatever the method's own counting convention
             k = n if step.budget.count(n) >= n else min(n, method.keep_count(
                 step.budget, n, original.get(span_keys[s], n), self.adapter.num_layers, step.layer))
+            if temporal is not None and k < n:
+                k = temporal[s]
             first = p_idx[starts[s]]
             span_stats.append(SpanStats(row=r, image=int(lay.image[r, orig[r, first]]),
-                                        frame=int(lay.frame[r, orig[r, first]]) if policy == "per_frame" else -1,
+                                        frame=int(lay.frame[r, orig[r, first]]) if policy in (
+                                            "per_frame", "temporal") else -1,
                                         n=n, kept=k, budget=k))
             if k >= n and not (method.gate and step.budget.count(n) < n):  # gates run unless nothing may go
                 keep[r, p_idx[starts[s] : starts[s] + n]] = True
@@ -786,12 +791,36 @@ class Engine:
         self._record_stage(stats, step, before, after, span_stats, t0, device)
         return order, new_valid, values_out
 
+    def _temporal_budgets(self, step: Step, fwd: Forward, view: Any, orig: torch.Tensor, tokens: torch.Tensor | None,
+                          p_idx: torch.Tensor, starts: list[int], counts: list[int], rows: list[int],
+                          keys: list[int]) -> list[int]:
+        """``budget="temporal"``: re-allocate each video's per-frame budgets by frame novelty."""
+        means = []
+        for s, (n, r) in enumerate(zip(counts, rows)):
+            pos = p_idx[starts[s] : starts[s] + n]
+            x = fwd.embeds[r, orig[r, pos]] if tokens is None else tokens[r, pos]  # (n, D)
+            means.append(x.float().mean(0))
+        out = [step.budget.count(n) for n in counts]
+        by_video: dict[int, list[int]] = {}
+        for s, key in enumerate(keys):
+            by_video.setdefault(key // 1_000_000, []).append(s)  # spans come sorted by (image, frame)
+        for spans in by_video.values():
+            if len(spans) < 2:
+                continue
+            novelty = [1.0] + [float(1 - torch.nn.functional.cosine_similarity(means[a], means[b], dim=0))
+                               for a, b in zip(spans[:-1], spans[1:])]
+            weights = [max(v, 1e-3) for v in novelty]
+            alloc = Budget.allocate(sum(out[s] for s in spans), weights, [counts[s] for s in spans])
+            for s, k in zip(spans, alloc):
+                out[s] = k
+        return out
+
     def _original_span_sizes(self, fwd: Forward, policy: str) -> dict[int, int]:
         """Candidates of every span in the prompt, before any stage (methods budget against it)."""
         key = ("span_sizes", policy)
         if key not in fwd.cache:
             lay = fwd.layout
-            if policy == "per_frame":
+            if policy in ("per_frame", "temporal"):
                 k0 = lay.image * 1_000_000 + lay.frame
             elif policy == "per_image":
                 k0 = lay.image
