@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--images", help="a folder of images (default: the offline synthetic VQA scenes)")
     cal.add_argument("--prompt", default="Describe the image.", help="question asked about every image")
     cal.add_argument("--samples", type=int, default=16)
+    bench = sub.add_parser("bench", help="speed / memory / FLOPs on width-faithful proxies (see vtprune/bench/speed.py)")
+    bench.add_argument("--proxy", nargs="+", default=["llava-1.5-7b", "qwen2-vl-7b"],
+                       help="proxies: llava-1.5-7b, qwen2-vl-7b, tiny (CI smoke)")
+    bench.add_argument("--methods", nargs="*", help="registry names (default: every method)")
+    bench.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
+    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--out", default="out")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("models", help="list the supported model families")
     args = parser.parse_args(argv)
@@ -30,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.bench.demo import run
 
         run(reps=args.reps, out_dir=args.out, plot=not args.no_plot)
+    elif args.command == "bench":
+        from vtprune.bench.speed import BENCH_METHODS, run as run_bench
+
+        methods = BENCH_METHODS if not args.methods else [(m, o) for m, o in BENCH_METHODS if m in args.methods]
+        run_bench(args.proxy, out_dir=args.out, reps=args.reps, methods=methods, budgets=tuple(args.budgets))
     elif args.command == "calibrate-entropy":
         from vtprune.methods.entropy import entropy_profile
 

@@ -90,7 +90,7 @@ class TransPrune(ScoreMethod):
         if budget.is_identity:
             return n
         stage = self.layers.index(layer)
-        scale = min(1.0, budget.count(n0) / max(self.fractions[-1] * n0, 1e-9))
+        scale = budget.count(n0) / max(self.fractions[-1] * n0, 1e-9)  # the last stage keeps the budget
         return max(1, int(n0 * min(1.0, self.fractions[stage] * scale) + 1e-6))
 
     def score(self, sig: Signals) -> torch.Tensor:

@@ -1,0 +1,450 @@
+"""``vtprune bench``: prefill / decode / generate time, peak memory, KV-cache bytes, FLOPs, selection time
+and efficiency for model x method x budget, on width-faithful proxies (``vtprune.bench.proxies``).
+
+How the numbers are made (DESIGN, "Measuring speed honestly"):
+
+* Every configuration is timed in interleaved repetitions after a warm-up (A B C A B C ...), median with
+  min / max. Pruning is installed outside the timed region.
+* Hooks time every decoder layer, every ViT layer and the LM head. All layers of a model are identical, so
+  a layer's time depends only on the number of tokens it sees: the *scaled* prefill replaces the proxy's
+  layers by the real depth's schedule of token counts (the method's real layers, e.g. FastV K=2 of 32,
+  TransPrune 7/9/12) using the per-layer times measured at those counts; everything else (embedding,
+  projector, selection, hooks) is counted once, as measured.
+* Efficiency E = prefill of the same model fed only the kept tokens, with no pruner (for in-LLM methods:
+  layers before K see every token) / pruned prefill. Raw and scaled figures are both printed.
+* KV-cache bytes are read from the cache after prefill (per layer) and scaled the same way; the "ideal"
+  is what a cache holding exactly the schedule's tokens would take. FLOPs come from FlopCounterMode,
+  per module, scaled the same way. Peak memory: CUDA's allocator on GPU, sampled process RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vtprune
+from vtprune.api import _resolve_adapter
+from vtprune.bench.proxies import PROXIES, Proxy, build_proxy, proxy_inputs
+from vtprune.budget import Budget
+from vtprune.registry import METHODS
+
+# (name, options, real-depth defaults are the method's own); in-LLM methods get proxy layers 1, 2, 3
+BENCH_METHODS: list[tuple[str, dict]] = [
+    ("random", {}), ("pool", {}), ("cls_attention", {}), ("kcenter", {}),
+    ("kcenter", {"variant": "todre"}), ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}),
+    ("fastv", {}), ("entropy", {}), ("dart", {}), ("transition", {}),
+    ("debiased_attention", {"coef": (0.0,)}),
+]
+BUDGETS = (192, 128, 64)
+
+
+@contextmanager
+def _rss_peak() -> Any:
+    """Peak resident memory above the starting point while the block runs (MB); CUDA: allocator peak."""
+    box = {"peak": 0.0}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield box
+        box["peak"] = (torch.cuda.max_memory_allocated() - start) / 2**20
+        return
+    import psutil
+
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            box["peak"] = max(box["peak"], (proc.memory_info().rss - start) / 2**20)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        stop.set()
+        thread.join()
+
+
+class LayerClock:
+    """Forward hooks that time every decoder layer, ViT layer and the LM head (CUDA-synchronised)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: Any) -> None:
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self._handles = []
+        parts = [(f"llm.{i}", m) for i, m in enumerate(adapter.decoder_layers)]
+        parts += [(f"vit.{i}", m) for i, m in enumerate(adapter.vit_layers())]
+        head = model.get_output_embeddings()
+        if head is not None:
+            parts.append(("head", head))
+        for name, module in parts:
+            self._handles.append(module.register_forward_pre_hook(self._start(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._stop(name), with_kwargs=True))
+        self._t0: dict[str, float] = {}
+
+    def _start(self, name: str) -> Callable:
+        def hook(module, args, kwargs):
+            _sync()
+            self._t0[name] = time.perf_counter()
+        return hook
+
+    def _stop(self, name: str) -> Callable:
+        def hook(module, args, kwargs, out):
+            _sync()
+            self.times[name].append((time.perf_counter() - self._t0[name]) * 1e3)
+            y = out[0] if isinstance(out, tuple) else out
+            self.tokens[name].append(int(y.shape[-2]) if y.dim() >= 2 else 1)  # what the layer processed
+        return hook
+
+    def reset(self) -> None:
+        self.times.clear()
+        self.tokens.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Run:
+    """One timed prefill: total and per-part times (ms), token counts per decoder layer."""
+
+    total: float
+    llm: list[float]
+    llm_tokens: list[int]
+    vit: list[float]
+    head: float
+    select_ms: float = 0.0
+
+
+@dataclass
+class Result:
+    proxy: str
+    method: str
+    label: str
+    budget: int
+    kept: int
+    schedule: list[int]  # visual tokens each REAL decoder layer sees
+    raw: list[Run] = field(default_factory=list)
+    direct: list[list[Run]] = field(default_factory=list)  # per repetition: one run per schedule count
+    decode: list[float] = field(default_factory=list)
+    decode_llm: list[float] = field(default_factory=list)
+    generate: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    kv_bytes_layer: dict[int, int] = field(default_factory=dict)  # proxy layer -> cache bytes
+    flops: dict[str, float] = field(default_factory=dict)
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Bench:
+    """Runs the benchmark for one proxy."""
+
+    def __init__(self, proxy: str, methods: list[tuple[str, dict]] | None = None, budgets: tuple[int, ...] = BUDGETS,
+                 reps: int = 3, decode_steps: int = 4, generate_tokens: int = 8, progress: bool = True) -> None:
+        self.proxy: Proxy = PROXIES[proxy]
+        self.model = build_proxy(proxy)
+        self.inputs = proxy_inputs(self.model, self.proxy)
+        self.adapter = _resolve_adapter(self.model)
+        self.methods = methods if methods is not None else BENCH_METHODS
+        self.budgets = budgets
+        self.reps, self.decode_steps, self.generate_tokens, self.progress = reps, decode_steps, generate_tokens, progress
+        self.n_visual = int(self.adapter.visual_masks(self.inputs["input_ids"], None)["image"].sum())
+        self.n_text = self.inputs["input_ids"].shape[1] - self.n_visual
+
+    # ------------------------------------------------------------------------------------ configurations
+    def _proxy_method(self, name: str, options: dict, budget: int) -> tuple[Any, list[int], int]:
+        """(method object for the proxy, real-depth visual-token schedule, kept tokens at the last stage).
+
+        In-LLM stages run at proxy layers 1, 2, ... with the kept counts the method has at its real layers
+        (e.g. FastV at layer 2 of 32, TransPrune at 7 / 9 / 12), so every count of the real schedule is
+        timed by some proxy layer."""
+        real_depth, proxy_depth = self.proxy.text_layers, self.proxy.proxy_text_layers
+        method = vtprune.method(name, **options)
+        real = method.resolve(real_depth)
+        real_layers = [k for k in real.layers if k > 0]
+        b, n0 = Budget(keep=budget), self.n_visual
+        counts, n = [], n0
+        for K in real_layers or [None]:
+            n = n if b.count(n) >= n else min(n, real.keep_count(b, n, n0, real_depth, K))
+            counts.append(n)
+        if not real_layers:  # before the LLM: every layer sees the kept tokens
+            return method, [counts[0]] * real_depth, counts[0]
+        if len(real_layers) > proxy_depth - 1:
+            raise ValueError(f"{name}: {len(real_layers)} stages do not fit a {proxy_depth}-layer proxy")
+        schedule, n = [], n0
+        for j in range(real_depth):
+            if j in real_layers:
+                n = counts[real_layers.index(j)]
+            schedule.append(n)
+        proxy_layers = tuple(range(1, len(real_layers) + 1))
+        opts: dict[str, Any] = {"layer": proxy_layers if len(proxy_layers) > 1 else proxy_layers[0]}
+        if name == "entropy":  # its average-budget formula depends on the depth: run the real count directly
+            opts["budget_mode"] = "direct"
+            budget_override = counts[0]
+        else:
+            budget_override = None
+        if name == "transition":
+            opts["accumulate"] = (0,)
+        fields = {f.name for f in dataclasses.fields(real)}
+        method = dataclasses.replace(real, **{k: v for k, v in opts.items() if k in fields})
+        if budget_override is not None:
+            method = dataclasses.replace(method, keep=budget_override)
+        return method, schedule, counts[-1]
+
+    # ------------------------------------------------------------------------------------ measurements
+    @contextmanager
+    def _clocked(self) -> Any:
+        """Time the layers of the next call. Registered after vtprune's hooks (installed per configuration),
+        so a layer's time is its own compute; vtprune's per-layer work lands in the "other" share."""
+        self.clock = LayerClock(self.model, self.adapter)
+        try:
+            yield self.clock
+        finally:
+            self.clock.remove()
+
+    def _prefill(self, embeds: torch.Tensor | None = None) -> Run:
+        with self._clocked():
+            return self._prefill_timed(embeds)
+
+    def _prefill_timed(self, embeds: torch.Tensor | None = None) -> Run:
+        _sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if embeds is not None:
+                self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            else:
+                self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        _sync()
+        total = (time.perf_counter() - t0) * 1e3
+        depth = self.proxy.proxy_text_layers
+        return Run(total=total, llm=[self.clock.times[f"llm.{i}"][0] for i in range(depth)],
+                   llm_tokens=[self.clock.tokens[f"llm.{i}"][0] for i in range(depth)],
+                   vit=[t[0] for k, t in self.clock.times.items() if k.startswith("vit.")],
+                   head=self.clock.times["head"][0] if self.clock.times["head"] else 0.0)
+
+    def _direct_embeds(self, kept: int) -> torch.Tensor:
+        """The LLM input with only ``kept`` visual tokens (which ones does not matter for time)."""
+        with torch.no_grad():
+            emb = self.model.get_input_embeddings()(self.inputs["input_ids"])  # (1, L, D)
+        vis = self.adapter.visual_masks(self.inputs["input_ids"], None)["image"][0]
+        idx = torch.cat([(~vis).nonzero()[:, 0], vis.nonzero()[:kept, 0]]).sort().values
+        return emb[:, idx]
+
+    def run(self) -> list[Result]:
+        base = Result(self.proxy.name, "none", "none", self.n_visual, self.n_visual,
+                      [self.n_visual] * self.proxy.text_layers)
+        configs: list[tuple[Result, Any]] = [(base, None)]
+        for name, options in self.methods:
+            for budget in self.budgets:
+                method, schedule, kept = self._proxy_method(name, options, budget)
+                label = name + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
+                configs.append((Result(self.proxy.name, name, label, budget, kept, schedule), method))
+        rounds = range(self.reps + 1)  # round 0 warms up every configuration
+        if self.progress:
+            from tqdm import tqdm
+
+            rounds = tqdm(rounds, desc=f"bench {self.proxy.name}")
+        for rep in rounds:
+            for r, method in configs:
+                ctx = vtprune.prune(self.model, method, keep=r.budget) if method is not None else nullcontext()
+                with ctx as h, _rss_peak() as mem:
+                    run = self._prefill()
+                # the ideal: no pruner, each stage's count fed directly (the last one first: it times
+                # everything outside the decoder layers)
+                counts = [r.kept] + sorted({n for n in r.schedule if n not in (r.kept, self.n_visual)})
+                direct = [self._prefill(embeds=self._direct_embeds(n)) for n in counts]
+                if rep == 0:
+                    continue
+                run.select_ms = h.stats.select_ms if h is not None else 0.0
+                r.raw.append(run)
+                r.direct.append(direct)
+                r.peak_mb = max(r.peak_mb, mem["peak"])
+        for r, method in configs:  # decode, generate, KV bytes, FLOPs: once per configuration
+            ctx = vtprune.prune(self.model, method, keep=r.budget) if method is not None else nullcontext()
+            with ctx:
+                self._decode_and_cache(r)
+                self._flops(r)
+        return [r for r, _ in configs]
+
+    def _decode_and_cache(self, r: Result) -> None:
+        with torch.no_grad(), self._clocked():
+            out = self.model(**self.inputs, use_cache=True)
+            cache = out.past_key_values
+            for i, layer in enumerate(cache.layers):
+                r.kv_bytes_layer[i] = layer.keys.numel() * layer.keys.element_size() * 2  # keys + values
+            tok = out.logits[:, -1].argmax(-1)[:, None]
+            for _ in range(self.decode_steps):
+                self.clock.reset()
+                _sync()
+                t0 = time.perf_counter()
+                out = self.model(input_ids=tok, past_key_values=cache, use_cache=True)
+                _sync()
+                r.decode.append((time.perf_counter() - t0) * 1e3)
+                r.decode_llm.append(sum(self.clock.times[f"llm.{i}"][0] for i in range(self.proxy.proxy_text_layers)))
+                tok = out.logits[:, -1].argmax(-1)[:, None]
+            _sync()
+            t0 = time.perf_counter()
+            self.model.generate(**self.inputs, max_new_tokens=self.generate_tokens, do_sample=False)
+            _sync()
+            r.generate.append((time.perf_counter() - t0) * 1e3)
+
+    def _flops(self, r: Result) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        counts = fc.get_flop_counts()
+
+        def layer_flops(inside: str, block: str) -> list[float]:
+            keys = [k for k in counts if inside in k and f".{block}." in k and k.rsplit(".", 1)[-1].isdigit()
+                    and k.rsplit(".", 2)[-2] == block]
+            return [float(sum(counts[k].values())) for k in sorted(keys, key=lambda k: int(k.rsplit(".", 1)[-1]))]
+
+        r.flops = {"total": float(sum(counts.get("Global", {}).values())),
+                   "llm": layer_flops("language_model", "layers"),
+                   "vit": layer_flops("vision_tower", "layers") + layer_flops("visual", "blocks")}
+
+    # ------------------------------------------------------------------------------------ scaling
+    def scaled(self, r: Result, runs: list[Run] | list[list[Run]], base: Result) -> float:
+        """Median prefill with the proxy's decoder layers replaced by the real depth's schedule: every real
+        layer costs what a proxy layer measured at the same token count (from this run, or the unpruned
+        baseline for the full count), and ViT layers are scaled to the real ViT depth."""
+        full = _median([statistics.mean(run.llm) for run in base.raw])
+        per_run = []
+        for group in runs:
+            group = group if isinstance(group, list) else [group]
+            run = group[0]  # times everything outside the decoder layers
+            table = {self.n_visual + self.n_text: full}
+            for g in group:
+                table.update({n: t for t, n in zip(g.llm, g.llm_tokens)})
+            other = run.total - sum(run.llm) - sum(run.vit)
+            vit = statistics.mean(run.vit) * self.proxy.vision_layers if run.vit else 0.0
+            per_run.append(other + vit + sum(table[n + self.n_text] for n in r.schedule))
+        return _median(per_run)
+
+    def report(self, results: list[Result]) -> list[dict]:
+        base = results[0]
+        t_base_raw = _median([run.total for run in base.raw])
+        t_base_scaled = self.scaled(base, base.raw, base)
+        bpt = base.kv_bytes_layer[0] / (self.n_visual + self.n_text)  # cache bytes per token and layer
+        rows = []
+        for r in results:
+            raw, scaled = _median([run.total for run in r.raw]), self.scaled(r, r.raw, base)
+            direct_scaled = self.scaled(r, r.direct, base)
+            tokens = r.raw[0].llm_tokens  # what each proxy layer saw; its cache should hold exactly that
+            kv_measured = sum(r.kv_bytes_layer.values())
+            fl_table = dict(zip(tokens, r.flops["llm"]))
+            fl_table.setdefault(self.n_visual + self.n_text, _median(base.flops["llm"]))
+            vit_fl = statistics.mean(r.flops["vit"]) * self.proxy.vision_layers if r.flops["vit"] else 0.0
+            other_fl = r.flops["total"] - sum(r.flops["llm"]) - sum(r.flops["vit"])
+            decode_scaled = _median([t - llm + llm / self.proxy.proxy_text_layers * self.proxy.text_layers
+                                     for t, llm in zip(r.decode, r.decode_llm)])
+            rows.append({
+                "proxy": r.proxy, "method": r.label, "budget": r.budget, "kept": r.kept,
+                "prefill_raw_ms": raw, "prefill_raw_min": min(run.total for run in r.raw),
+                "prefill_raw_max": max(run.total for run in r.raw), "prefill_scaled_ms": scaled,
+                "speedup_raw": t_base_raw / raw, "speedup_scaled": t_base_scaled / scaled,
+                # raw E only where the direct run IS the ideal (pruning before the LLM)
+                "E_raw": _median([d[0].total for d in r.direct]) / raw if r.schedule[0] == r.kept else float("nan"),
+                "E_scaled": direct_scaled / scaled, "select_ms": _median([run.select_ms for run in r.raw]),
+                "decode_raw_ms": _median(r.decode), "decode_scaled_ms": decode_scaled,
+                "generate_raw_ms": _median(r.generate),
+                "generate_scaled_ms": scaled + self.generate_tokens * decode_scaled,
+                "peak_mb": r.peak_mb, "kv_bytes_scaled": bpt * sum(n + self.n_text for n in r.schedule),
+                "kv_vs_ideal": bpt * sum(tokens) / kv_measured if kv_measured else float("nan"),
+                "flops_raw": r.flops["total"],
+                "flops_scaled": other_fl + vit_fl + sum(fl_table.get(n + self.n_text, float("nan")) for n in r.schedule),
+                "attn": self.adapter.attn_implementation(),
+            })
+        return rows
+
+
+def run(proxies: list[str], out_dir: str | Path = "out", reps: int = 3, methods: list[tuple[str, dict]] | None = None,
+        budgets: tuple[int, ...] = BUDGETS, plot: bool = True) -> list[dict]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for name in proxies:
+        bench = Bench(name, methods=methods, budgets=budgets, reps=reps)
+        results = bench.run()
+        rows += bench.report(results)
+        del bench
+    path = out / "bench.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+    _print(rows)
+    print(f"wrote {path}")
+    if plot:
+        _plot(rows, out)
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    head = (f"{'proxy':<14}{'method':<28}{'keep':>5}{'kept':>6}{'raw ms':>9}{'x raw':>7}{'scaled ms':>11}{'x scaled':>9}"
+            f"{'E raw':>7}{'E scaled':>9}{'sel ms':>8}{'KV/ideal':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['proxy']:<14}{r['method'][:27]:<28}{r['budget']:>5}{r['kept']:>6}{r['prefill_raw_ms']:>9.1f}"
+              f"{r['speedup_raw']:>7.2f}{r['prefill_scaled_ms']:>11.1f}{r['speedup_scaled']:>9.2f}{r['E_raw']:>7.2f}"
+              f"{r['E_scaled']:>9.2f}{r['select_ms']:>8.1f}{r['kv_vs_ideal']:>9.2f}")
+    print("\nraw = the proxy as built (few layers); scaled = its layers replaced by the real depth's schedule.")
+    print("targets: E_scaled >= 0.97 for vision/input methods at 64 tokens (0.90 zeroth_order), >= 0.90 in-LLM;"
+          " KV/ideal >= 0.95")
+    for r in rows:
+        if r["method"] == "none" or r["budget"] != 64:
+            continue
+        m = METHODS.get(r["method"].split("(")[0])
+        target = 0.90 if (m.stage == "layer" or r["method"].startswith("zeroth")) else 0.97
+        ok = "ok " if r["E_scaled"] >= target else "MISS"
+        print(f"  {ok} {r['proxy']:<14}{r['method']:<28} E_scaled={r['E_scaled']:.3f} (target {target})")
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for proxy in dict.fromkeys(r["proxy"] for r in rows):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for method in dict.fromkeys(r["method"] for r in rows if r["proxy"] == proxy and r["method"] != "none"):
+            pts = sorted((r["kept"], r["speedup_scaled"], r["kv_bytes_scaled"] / 2**20) for r in rows
+                         if r["proxy"] == proxy and r["method"] == method)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
+        axes[0].set(xlabel="visual tokens kept (last stage)", ylabel="prefill speed-up (scaled to real depth)",
+                    title=f"{proxy}")
+        axes[1].set(xlabel="visual tokens kept (last stage)", ylabel="KV cache (MB, real depth)", title=f"{proxy}")
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / f"bench_{proxy}.png", dpi=120)
+        plt.close(fig)
+        print(f"wrote {out / f'bench_{proxy}.png'}")
