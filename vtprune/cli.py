@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--out", default="out")
+    acc = sub.add_parser("accuracy", help="accuracy of every method x budget on the offline synthetic VQA benchmark")
+    acc.add_argument("--model", default=None, help="model directory (default: the shipped models/synthetic-llava)")
+    acc.add_argument("--samples", type=int, default=500)
+    acc.add_argument("--methods", nargs="*", help="registry names (default: every method)")
+    acc.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64, 32, 16])
+    acc.add_argument("--seeds", type=int, default=3, help="seeds averaged for random")
+    acc.add_argument("--out", default="out")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("models", help="list the supported model families")
     args = parser.parse_args(argv)
@@ -42,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 
         methods = BENCH_METHODS if not args.methods else [(m, o) for m, o in BENCH_METHODS if m in args.methods]
         run_bench(args.proxy, out_dir=args.out, reps=args.reps, methods=methods, budgets=tuple(args.budgets))
+    elif args.command == "accuracy":
+        from vtprune.bench.accuracy import ACC_METHODS, DEFAULT_MODEL, run as run_accuracy
+
+        methods = ACC_METHODS if not args.methods else [(m, o) for m, o in ACC_METHODS if m in args.methods]
+        run_accuracy(args.model or DEFAULT_MODEL, n=args.samples, methods=methods, budgets=tuple(args.budgets),
+                     random_seeds=args.seeds, out_dir=args.out)
     elif args.command == "calibrate-entropy":
         from vtprune.methods.entropy import entropy_profile
 

@@ -1,0 +1,45 @@
+"""The benchmarks end to end on small models: numbers come out, and the ones with a known value have it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+def test_speed_bench_smoke_on_the_tiny_proxy(tmp_path):
+    from vtprune.bench.speed import run
+
+    rows = run(["tiny"], out_dir=tmp_path, reps=1, methods=[("kcenter", {}), ("fastv", {}), ("transition", {})],
+               budgets=(64,), plot=False)
+    by = {r["method"]: r for r in rows}
+    assert by["none"]["kept"] == 576 and by["kcenter"]["kept"] == 64 and by["fastv"]["kept"] == 64
+    for r in rows:  # every cache holds exactly the tokens its layer processed
+        assert r["kv_vs_ideal"] == pytest.approx(1.0)
+        assert r["prefill_raw_ms"] > 0 and r["speedup_scaled"] > 0 and math.isfinite(r["E_scaled"])
+    # a cache holding fewer tokens: real-depth bytes shrink with the schedule
+    assert by["kcenter"]["kv_bytes_scaled"] < by["fastv"]["kv_bytes_scaled"] < by["none"]["kv_bytes_scaled"]
+    assert by["kcenter"]["flops_scaled"] < by["none"]["flops_scaled"]
+    assert (tmp_path / "bench.csv").exists()
+
+
+def test_accuracy_bench_on_a_small_synthetic_model(tmp_path):
+    from vtprune.bench.accuracy import run
+    from vtprune.synthetic.model import ModelSpec, build_model
+    from vtprune.synthetic.tokenizer import build_processor
+
+    processor = build_processor()
+    model = build_model(ModelSpec(vit_hidden=32, vit_layers=2, vit_heads=2, llm_hidden=64, llm_layers=3, llm_heads=4,
+                                  llm_kv_heads=2, llm_intermediate=128), processor.tokenizer).eval()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    rows = run(tmp_path / "m", n=6, methods=[("random", {}), ("kcenter", {}), ("fastv", {})], budgets=(64,),
+               random_seeds=2, batch_size=6, out_dir=tmp_path, plot=False, progress=False)
+    by = {r["method"]: r for r in rows}
+    assert by["kcenter"]["kept"] == 64 and by["random"]["kept"] == 64
+    assert by["fastv"]["mean_per_layer"] == pytest.approx((2 * 576 + 64) / 3)  # layers 0-1 see every token
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1
+        assert r["retention"] == pytest.approx(r["accuracy"] / by["none"]["accuracy"]) if by["none"]["accuracy"] else True
+    assert torch.isfinite(torch.tensor([r["accuracy"] for r in rows])).all()

@@ -1,0 +1,152 @@
+"""``vtprune accuracy``: accuracy of every method x budget on the offline synthetic VQA benchmark, with the
+VLM trained here (``models/synthetic-llava``), as % of the unpruned model, and a plot vs kept tokens.
+
+Held-out samples never overlap the training split; ``debiased_attention`` is calibrated on training-split
+samples. ``random`` is averaged over several seeds (its spread is reported). Budgets are nominal keep=
+values; the table also reports the visual tokens actually kept after the last stage and their average
+over decoder layers (in-LLM methods keep every token in the layers before K, FastV-style).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vtprune
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "synthetic-llava"
+ACC_METHODS: list[tuple[str, dict]] = [
+    ("random", {}), ("pool", {}), ("cls_attention", {}), ("kcenter", {}), ("kcenter", {"variant": "todre"}),
+    ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}), ("fastv", {}), ("entropy", {}),
+    ("dart", {}), ("transition", {}), ("debiased_attention", {}),
+]
+ACC_BUDGETS = (192, 128, 64, 32, 16)
+
+
+def load(model_dir: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def _label(name: str, options: dict) -> str:
+    return name + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
+
+
+def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 500, methods: list[tuple[str, dict]] | None = None,
+        budgets: tuple[int, ...] = ACC_BUDGETS, random_seeds: int = 3, batch_size: int = 32,
+        out_dir: str | Path = "out", plot: bool = True, progress: bool = True) -> list[dict]:
+    from vtprune.synthetic.eval import evaluate
+    from vtprune.synthetic.scenes import heldout, iter_samples
+
+    model, processor = load(model_dir)
+    samples = heldout(n)
+    methods = methods if methods is not None else ACC_METHODS
+    t0 = time.perf_counter()
+    base = evaluate(model, processor, samples, batch_size=batch_size)
+    rows = [{"method": "none", "budget": 576, "kept": 576.0, "mean_per_layer": 576.0, "accuracy": base.accuracy,
+             "retention": 1.0, "spread": 0.0, **{f"acc_{k}": v for k, v in base.per_type.items()}}]
+    configs = [(name, opts, b) for name, opts in methods for b in budgets]
+    it = configs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(configs, desc="accuracy")
+    debiased = None
+    for name, options, budget in it:
+        method_objs = [vtprune.method(name, **options)]
+        if name == "debiased_attention":
+            if debiased is None:  # fitted once, on TRAINING-split scenes, never on the held-out set
+                from vtprune.methods.debiased_attention import calibrate
+                from vtprune.synthetic.tokenizer import prompt
+
+                cal = list(iter_samples("train", 0, 64))
+                batches = [dict(processor(images=[s.image for s in cal[i:i + 16]],
+                                          text=[prompt(s.question) for s in cal[i:i + 16]], padding=True,
+                                          return_tensors="pt")) for i in range(0, len(cal), 16)]
+                debiased = calibrate(model, batches, host="fastv")
+            method_objs = [debiased]
+        if name == "random":
+            method_objs = [vtprune.method("random", seed=s) for s in range(random_seeds)]
+        accs, per_type, kept, per_layer = [], {}, [], []
+        for m in method_objs:
+            with vtprune.prune(model, m, keep=budget) as h:
+                res = evaluate(model, processor, samples, batch_size=batch_size)
+                kept.append(statistics.mean(h.stats.visual_after))
+                per_layer.append(statistics.mean(h.stats.mean_visual_per_layer))
+            accs.append(res.accuracy)
+            for k, v in res.per_type.items():
+                per_type.setdefault(k, []).append(v)
+        acc = statistics.mean(accs)
+        rows.append({"method": _label(name, options), "budget": budget, "kept": statistics.mean(kept),
+                     "mean_per_layer": statistics.mean(per_layer), "accuracy": acc,
+                     "retention": acc / base.accuracy if base.accuracy else float("nan"),
+                     "spread": (max(accs) - min(accs)) if len(accs) > 1 else 0.0,
+                     **{f"acc_{k}": statistics.mean(v) for k, v in per_type.items()}})
+    elapsed = time.perf_counter() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(rows, out / "accuracy.csv")
+    _print(rows, n, elapsed)
+    if plot:
+        _plot(rows, out / "accuracy.png", base.accuracy)
+    return rows
+
+
+def _write(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"wrote {path}")
+
+
+def _print(rows: list[dict], n: int, elapsed: float) -> None:
+    budgets = sorted({r["budget"] for r in rows if r["method"] != "none"}, reverse=True)
+    base = rows[0]["accuracy"]
+    print(f"\nsynthetic VQA, {n} held-out questions, unpruned accuracy {base:.3f} ({elapsed:.0f} s)")
+    print(f"{'method':<28}" + "".join(f"{b:>14}" for b in budgets) + "   (accuracy, % of unpruned)")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+        cells = []
+        for b in budgets:
+            r = next((r for r in rows if r["method"] == method and r["budget"] == b), None)
+            cells.append(f"{r['accuracy']:.3f} {100 * r['retention']:4.0f}%" if r else "")
+        print(f"{method[:27]:<28}" + "".join(f"{c:>14}" for c in cells))
+    rnd = {r["budget"]: r["accuracy"] for r in rows if r["method"] == "random"}
+    losers = [(r["method"], r["budget"]) for r in rows if r["method"] not in ("none", "random")
+              and r["budget"] <= 64 and r["budget"] in rnd and r["accuracy"] < rnd[r["budget"]]]
+    print("informed methods below random at <= 64 tokens: " + (", ".join(f"{m}@{b}" for m, b in losers) or "none"))
+
+
+def _plot(rows: list[dict], path: Path, base: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+        pts = sorted((r["mean_per_layer"], r["accuracy"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method,
+                lw=2.5 if method == "random" else 1.2, color="black" if method == "random" else None)
+    ax.axhline(base, color="grey", ls="--", lw=0.8, label="unpruned")
+    ax.set_xscale("log")
+    ax.set(xlabel="visual tokens per decoder layer (mean; 576 unpruned)", ylabel="held-out accuracy",
+           title="synthetic VQA: accuracy vs kept visual tokens")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(f"wrote {path}")
