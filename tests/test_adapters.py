@@ -16,7 +16,7 @@ from vtprune.methods.base import Method
 from vtprune.testing.tiny import IMAGE, build, make_inputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, attn: str = "sdpa") -> torch.nn.Module:
     return build(family, attn)
 

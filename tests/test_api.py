@@ -14,7 +14,7 @@ from cases import ROWS
 from vtprune.testing.tiny import IMAGE, build, make_inputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str = "llava") -> torch.nn.Module:
     return build(family)
 

@@ -16,7 +16,7 @@ from vtprune.testing.tiny import build, make_inputs
 ATOL, RTOL = 2e-5, 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, attn: str) -> torch.nn.Module:
     return build(family, attn)
 

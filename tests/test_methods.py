@@ -23,7 +23,7 @@ from vtprune.testing.reference import masked_forward, pruned_rows
 from vtprune.testing.tiny import IMAGE, build, make_inputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, attn: str = "sdpa") -> torch.nn.Module:
     return build(family, attn)
 

@@ -24,7 +24,7 @@ from vtprune.signals import Signals
 from vtprune.testing.tiny import IMAGE, build, make_inputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, attn: str = "sdpa") -> torch.nn.Module:
     return build(family, attn)
 
@@ -96,7 +96,7 @@ def test_entropy_dual_gram_has_the_primal_spectrum_and_ranks_isotropy_high():
     collapsed = 0.15 * torch.randn(1, 3, 1, d).expand(1, 3, H, d) * torch.linspace(0.5, 2, H)[None, None, :, None]
     q = torch.cat([collapsed, iso], 1) + 0.01 * torch.randn(1, 6, H, d)
     e = matrix_entropy(q)
-    assert bool((e[0, 3:].min() > e[0, :3].max()))
+    assert bool(e[0, 3:].min() > e[0, :3].max())
     r = q[0, 0].double() - q[0, 0].double().mean(0)
     primal = torch.linalg.eigvalsh(r.T @ r / H).clamp(min=1e-10)  # d x d covariance
     expected = -(primal * primal.log()).sum() / math.log(H)

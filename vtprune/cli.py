@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--images", help="a folder of images (default: the offline synthetic VQA scenes)")
     cal.add_argument("--prompt", default="Describe the image.", help="question asked about every image")
     cal.add_argument("--samples", type=int, default=16)
-    bench = sub.add_parser("bench", help="speed / memory / FLOPs on width-faithful proxies (see vtprune/bench/speed.py)")
+    bench = sub.add_parser("bench", help="speed / memory / FLOPs on width-faithful proxies (vtprune/bench/speed.py)")
     bench.add_argument("--proxy", nargs="+", default=["llava-1.5-7b", "qwen2-vl-7b"],
                        help="proxies: llava-1.5-7b, qwen2-vl-7b, tiny (CI smoke)")
     bench.add_argument("--methods", nargs="*", help="registry names (default: every method)")

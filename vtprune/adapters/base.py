@@ -84,7 +84,8 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.vlm: nn.Module = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        inner = getattr(model, "model", None)
+        self.vlm: nn.Module = inner if inner is not None and hasattr(inner, "language_model") else model
         self.config = self.vlm.config
 
     @classmethod
@@ -122,7 +123,8 @@ class Adapter:
     def attn_implementation(self) -> str:
         return str(getattr(self.language_model.config, "_attn_implementation", "sdpa"))
 
-    def visual_masks(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def visual_masks(self, input_ids: torch.Tensor | None,
+                     inputs_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """modality -> (B, L) bool placeholder positions, computed before features are scattered."""
         out = {}
         for modality in self.modalities:

@@ -862,7 +862,8 @@ class Engine:
         maps = {0: (base_idx, base_valid)}
         for K, m in sorted(fwd.layer_maps.items()):
             maps[K] = (base_idx.gather(1, m.index.clamp(min=0)), m.valid)
-        stats.positions_by_layer = {K: [idx[b][valid[b]] for b in range(idx.shape[0])] for K, (idx, valid) in maps.items()}
+        stats.positions_by_layer = {K: [idx[b][valid[b]] for b in range(idx.shape[0])]
+                                    for K, (idx, valid) in maps.items()}
         counts = {K: (vis.gather(1, idx) & valid).sum(1) for K, (idx, valid) in maps.items()}
         n_layers = self.adapter.num_layers
         per_layer = torch.stack([counts[max(k for k in counts if k <= l)] for l in range(n_layers)]).float()

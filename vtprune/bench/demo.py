@@ -102,7 +102,8 @@ def run(reps: int = 5, out_dir: str | Path = "out", methods: list[tuple[str, dic
             k = kept_of[(name, r)]
             if "layer" in kw:  # in-LLM: layers < K see all tokens; the ideal is layer-proportional
                 K = kw["layer"]
-                ideal = t_vis + K / lm_layers * times[f"lm@{n_img}"].median_ms + (1 - K / lm_layers) * times[f"lm@{k}"].median_ms
+                full, kept = times[f"lm@{n_img}"].median_ms, times[f"lm@{k}"].median_ms
+                ideal = t_vis + K / lm_layers * full + (1 - K / lm_layers) * kept
             else:
                 ideal = t_vis + times[f"lm@{k}"].median_ms
             stats = stats_of[(name, r)]
@@ -150,7 +151,7 @@ def _report(rows: list[Row], times: dict[str, Timing], t_base: float, n_img: int
             pts = sorted((r.kept, r.speedup) for r in rows if r.method == name)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_xlabel("visual tokens kept (of %d)" % n_img)
+        ax.set_xlabel(f"visual tokens kept (of {n_img})")
         ax.set_ylabel("prefill speed-up")
         ax.set_title("vtprune demo (random-weight LLaVA geometry, CPU)")
         ax.legend()

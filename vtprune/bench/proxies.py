@@ -4,11 +4,11 @@ LLaVA-1.5-7B and Qwen2-VL-7B with few layers, random weights.
 All decoder layers of a model are identical, so a proxy measures one layer at each token count and the
 benchmark scales it to the real depth (DESIGN, "Measuring speed honestly"). Geometry:
 
-| proxy | vision (real / proxy depth) | LLM (real / proxy depth) | image | visual tokens |
-|---|---|---|---|---|
-| llava-1.5-7b | CLIP ViT-L/14-336: width 1024, 16 heads, MLP 4096 (24 / 2) | Llama-2-7B: width 4096, 32 heads, MLP 11008, vocab 32000 (32 / 4) | 336 px | 576 |
-| qwen2-vl-7b | Qwen2-VL ViT: width 1280, 16 heads, MLP 5120, 2x2 merger (32 / 2) | Qwen2-7B: width 3584, 28 heads / 4 KV, MLP 18944, vocab 152064 (28 / 4) | 672 px | 576 |
-| tiny | CLIP width 64 (2 / 2) | Llama width 128, 4 heads (4 / 4) | 336 px | 576 |
+* llava-1.5-7b: CLIP ViT-L/14-336 (width 1024, 16 heads, MLP 4096; 24 layers, proxy 2) + Llama-2-7B
+  (width 4096, 32 heads, MLP 11008, vocab 32000; 32 layers, proxy 4); 336 px, 576 visual tokens.
+* qwen2-vl-7b: Qwen2-VL ViT (width 1280, 16 heads, MLP 5120, 2x2 merger; 32 blocks, proxy 2) + Qwen2-7B
+  (width 3584, 28 heads / 4 KV, MLP 18944, vocab 152064 tied; 28 layers, proxy 4); 672 px, 576 tokens.
+* tiny: CLIP width 64 (2 layers) + Llama width 128 (4 layers); 336 px, 576 tokens (CI smoke).
 
 The prompt is LLaVA-shaped: 35 system tokens, the image, 12 question tokens.
 """
@@ -66,7 +66,8 @@ def build_proxy(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
             text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                              num_hidden_layers=p.proxy_text_layers, num_attention_heads=28, num_key_value_heads=4,
                              bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                              "mrope_section": [16, 24, 24]}),
             image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
             tie_word_embeddings=True)
         model = T.Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()

@@ -169,7 +169,8 @@ class Bench:
         self.adapter = _resolve_adapter(self.model)
         self.methods = methods if methods is not None else BENCH_METHODS
         self.budgets = budgets
-        self.reps, self.decode_steps, self.generate_tokens, self.progress = reps, decode_steps, generate_tokens, progress
+        self.reps, self.decode_steps, self.generate_tokens = reps, decode_steps, generate_tokens
+        self.progress = progress
         self.n_visual = int(self.adapter.visual_masks(self.inputs["input_ids"], None)["image"].sum())
         self.n_text = self.inputs["input_ids"].shape[1] - self.n_visual
 
@@ -375,7 +376,8 @@ class Bench:
                 "peak_mb": r.peak_mb, "kv_bytes_scaled": bpt * sum(n + self.n_text for n in r.schedule),
                 "kv_vs_ideal": bpt * sum(tokens) / kv_measured if kv_measured else float("nan"),
                 "flops_raw": r.flops["total"],
-                "flops_scaled": other_fl + vit_fl + sum(fl_table.get(n + self.n_text, float("nan")) for n in r.schedule),
+                "flops_scaled": other_fl + vit_fl + sum(fl_table.get(n + self.n_text, float("nan"))
+                                                        for n in r.schedule),
                 "attn": self.adapter.attn_implementation(),
             })
         return rows
@@ -405,7 +407,8 @@ def run(proxies: list[str], out_dir: str | Path = "out", reps: int = 3, methods:
 
 
 def _print(rows: list[dict]) -> None:
-    head = (f"{'proxy':<14}{'method':<28}{'keep':>5}{'kept':>6}{'raw ms':>9}{'x raw':>7}{'scaled ms':>11}{'x scaled':>9}"
+    head = (f"{'proxy':<14}{'method':<28}{'keep':>5}{'kept':>6}{'raw ms':>9}{'x raw':>7}{'scaled ms':>11}"
+            f"{'x scaled':>9}"
             f"{'E raw':>7}{'E scaled':>9}{'sel ms':>8}{'KV/ideal':>9}")
     print(head)
     print("-" * len(head))

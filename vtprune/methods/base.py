@@ -74,7 +74,8 @@ class Method:
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"{owner}: layers must be strictly increasing, got {self.layer!r}")
         if layers and not self.layer_ok:
-            raise ValueError(f"{owner} cannot act inside the LLM (layer={self.layer!r}); it acts at the {self.stage} stage")
+            raise ValueError(f"{owner} cannot act inside the LLM (layer={self.layer!r}); "
+                             f"it acts at the {self.stage} stage")
         if not layers and not self.pre_llm_ok:
             raise ValueError(f"{owner} acts inside the LLM: give layer=K")
         unknown = set(self.requires) - set(SIGNALS)

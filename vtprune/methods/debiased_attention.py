@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vtprune.methods.base import LayerSpec, Method, ScoreMethod, build
+from vtprune.methods.base import Method, ScoreMethod, build
 from vtprune.signals import Signals
 
 TRENDS = ("exp", "poly3", "none")

@@ -103,7 +103,8 @@ class KCenter(Method):
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"kcenter: variant={self.variant!r} is not known; allowed: {', '.join(map(repr, VARIANTS))}")
+            allowed = ", ".join(map(repr, VARIANTS))
+            raise ValueError(f"kcenter: variant={self.variant!r} is not known; allowed: {allowed}")
         if self.pivot not in PIVOTS:
             raise ValueError(f"kcenter: pivot={self.pivot!r}; allowed: {', '.join(map(repr, PIVOTS))}")
         if self.drop_layer is not None and self.variant == "divprune":
@@ -128,7 +129,8 @@ class KCenter(Method):
         if self.drop_layer is None:
             return [self]
         layer = round(7 * num_layers / 8) if self.drop_layer == "auto" else self.drop_layer
-        return [dataclasses.replace(self, drop_layer=None), MigrationDrop(layer=min(layer, num_layers - 1), tau=self.tau)]
+        gate = MigrationDrop(layer=min(layer, num_layers - 1), tau=self.tau)
+        return [dataclasses.replace(self, drop_layer=None), gate]
 
     def _pivot(self, sig: Signals) -> torch.Tensor:
         if self.pivot == "random":

@@ -111,7 +111,8 @@ class SpatialPool(Method):
             reps.append(rep)
             if self.merge == "mean":
                 x = sig.tokens[s]  # (N, D)
-                summed = torch.zeros(k, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, cell, x.float())
+                summed = torch.zeros(k, x.shape[-1], dtype=torch.float32, device=x.device)
+                summed.index_add_(0, cell, x.float())
                 values.append((summed / torch.bincount(cell, minlength=k)[:, None]).to(x.dtype))  # (k, D)
         index = torch.stack(reps)  # (S, k)
         return Selection(index, torch.stack(values) if values else None)

@@ -33,7 +33,8 @@ from vtprune.methods.base import Method, Selection, topk_stable
 from vtprune.signals import Signals
 
 
-def contextual_merge(h: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def contextual_merge(h: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor,
+                     c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One span: h (N, Dv) features, keys (N, dk) head-mean keys, rest (R,) indices not dominant (ascending).
     Returns (targets (c,), merged (c, Dv)) with merged = h[target] + mean(h[members])."""
     R = rest.numel()

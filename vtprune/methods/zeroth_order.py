@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vtprune.methods.base import Method
 from vtprune.methods.kcenter import cosine_distance

@@ -21,13 +21,15 @@ ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def _text_config(layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128) -> T.LlamaConfig:
+def _text_config(layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                 inter: int = 128) -> T.LlamaConfig:
     return T.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
 
 
-def _clip_config(image_size: int, patch: int = 14, hidden: int = 32, layers: int = 2, heads: int = 4) -> T.CLIPVisionConfig:
+def _clip_config(image_size: int, patch: int = 14, hidden: int = 32, layers: int = 2,
+                 heads: int = 4) -> T.CLIPVisionConfig:
     return T.CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                               num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=hidden)
 
@@ -164,7 +166,8 @@ def image_tokens(model: torch.nn.Module, image_size: tuple[int, int] | None = No
         return model.model.get_image_features(pv, sizes).pooler_output[0].shape[0]
 
 
-def _next_pixels(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_pixels(model: torch.nn.Module, sizes: Sequence[tuple[int, int]],
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = model.config

@@ -1,0 +1,228 @@
+"""The offline synthetic VQA benchmark: generator, tokenizer/processor, shipped model, training script."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.synthetic import scenes
+from vtprune.synthetic.eval import evaluate
+from vtprune.synthetic.tokenizer import build_processor, build_tokenizer, prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "synthetic-llava"
+
+
+def _digest(s: scenes.Sample) -> str:
+    return hashlib.sha1(s.image.tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    """scripts/train_synthetic.py imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("train_synthetic", ROOT / "scripts" / "train_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_synthetic"] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------------- generator
+
+def test_generator_is_deterministic():
+    a, b = scenes.make_sample(7), scenes.make_sample(7)
+    assert _digest(a) == _digest(b) and (a.question, a.answer, a.objects) == (b.question, b.answer, b.objects)
+    assert np.array_equal(a.patch_object, b.patch_object)
+    assert [_digest(s) for s in scenes.heldout(20)] == [_digest(s) for s in scenes.heldout(20)]
+    assert [_digest(s) for s in scenes.heldout(5, offset=3)] == [_digest(s) for s in scenes.heldout(8)[3:]]
+    assert _digest(scenes.make_sample(7)) != _digest(scenes.make_sample(8))
+
+
+def test_splits_are_disjoint():
+    train = {_digest(s) for s in scenes.iter_samples("train", 0, 300)}
+    held = {_digest(s) for s in scenes.heldout(300)}
+    assert len(train) == len(held) == 300 and not train & held
+    with pytest.raises(ValueError, match="split"):
+        scenes.make_sample(0, "test")
+
+
+def test_question_types_and_answers_are_balanced():
+    samples = [scenes.make_sample(i) for i in range(1000)]
+    assert Counter(s.qtype for s in samples) == {t: 200 for t in scenes.QUESTION_TYPES}
+    expected = {"colour": scenes.COLOUR_NAMES, "shape": scenes.SHAPES, "position": scenes.REGIONS,
+                "count": scenes.COUNT_WORDS, "exists": ("yes", "no")}
+    for qtype, values in expected.items():
+        counts = Counter(s.answer for s in samples if s.qtype == qtype)
+        assert set(counts) == set(values), qtype
+        assert max(counts.values()) < 3 * min(counts.values()), (qtype, counts)  # no answer prior to exploit
+
+
+def _answer_from_objects(s: scenes.Sample) -> str:
+    """Recompute the answer from the scene alone (an independent reading of the question)."""
+    w = s.question.split()
+    objs = s.objects
+    if s.qtype in ("colour", "shape"):
+        (obj,) = [o for o in objs if o.region == scenes.REGIONS.index(w[-2])]
+        return obj.colour if s.qtype == "colour" else obj.shape
+    if s.qtype == "position":
+        (obj,) = [o for o in objs if (o.colour, o.shape) == (w[3], w[4])]
+        return scenes.REGIONS[obj.region]
+    if s.qtype == "count":
+        noun = w[2]
+        if noun == "shapes":
+            return str(len(objs))
+        if noun in scenes.COLOUR_NAMES:
+            return str(sum(o.colour == noun for o in objs))
+        return str(sum(o.shape + "s" == noun for o in objs))
+    return "yes" if any((o.colour, o.shape) == (w[3], w[4]) for o in objs) else "no"
+
+
+def test_answers_follow_from_the_scene():
+    for s in [scenes.make_sample(i) for i in range(300)] + scenes.heldout(100):
+        assert _answer_from_objects(s) == s.answer, (s.question, s.answer, s.objects)
+        assert len(s.objects) <= scenes.MAX_OBJECTS
+        assert len({o.region for o in s.objects}) == len(s.objects)  # at most one object per region
+
+
+def test_patch_labels_match_drawn_pixels():
+    for s in [scenes.make_sample(i) for i in range(40)]:
+        px = np.asarray(s.image, np.int16)
+        assert s.image.size == (336, 336) and s.patch_object.shape == (24, 24)
+        bg = s.patch_object == -1
+        assert bg.mean() > 0.85  # pruning matters: most patches are background
+        # Every object colour has a channel >= 165 and the grey background is <= 98, so object pixels are
+        # exactly those far from the background's median colour.
+        grey = np.median(px.reshape(-1, 3), axis=0)
+        is_obj = np.abs(px - grey).max(-1) > 40
+        frac = is_obj.reshape(scenes.GRID, scenes.PATCH, scenes.GRID, scenes.PATCH).mean(axis=(1, 3))
+        np.testing.assert_allclose(frac, s.patch_coverage, atol=1e-9)  # no object pixel outside the labels
+        for i, obj in enumerate(s.objects):
+            rows, cols = np.nonzero(s.patch_object == i)
+            assert len(rows) >= 4 and s.patch_coverage[rows, cols].max() > 0.6, obj
+            assert {scenes.region_of_patch(r, c) for r, c in zip(rows, cols)} == {obj.region}
+            x0, y0, x1, y1 = obj.box
+            box = is_obj[y0:y1, x0:x1]
+            assert box.any() and is_obj.sum() >= box.sum()
+            target = np.array(scenes.COLOURS[obj.colour])
+            assert np.abs(px[y0:y1, x0:x1][box].mean(0) - target).max() < 20, obj  # colour jitter is +-15
+            assert (s.patch_colour[rows, cols] == scenes.COLOUR_NAMES.index(obj.colour) + 1).all()
+            assert (s.patch_shape[rows, cols] == scenes.SHAPES.index(obj.shape) + 1).all()
+        assert (s.patch_colour[bg] == 0).all() and (s.patch_shape[bg] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_round_trip_without_unknown_words():
+    tok = build_tokenizer()
+    for s in scenes.heldout(50):
+        ids = tok(prompt(s.question)).input_ids
+        assert tok.unk_token_id not in ids and ids[0] == tok.bos_token_id
+        assert tok.decode(tok(s.question).input_ids, skip_special_tokens=True) == s.question
+        assert tok.convert_tokens_to_ids(s.answer) != tok.unk_token_id
+    assert tok.tokenize("USER: <image>\ntop-left ?") == ["USER:", "<image>", "top-left", "?"]
+
+
+def test_processor_expands_image_to_576_tokens_and_matches_training_collate(train_module):
+    proc = build_processor()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a red circle ?"}]}]
+    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt("is there a red circle ?")
+    samples = scenes.heldout(3)
+    inputs = proc(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
+                  padding=True, return_tensors="pt")
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert (inputs.input_ids == image_id).sum(1).tolist() == [576] * 3
+    assert inputs.pixel_values.shape == (3, 3, 336, 336)
+    batch = train_module.collate(samples, proc.tokenizer)
+    assert torch.equal(batch["pixel_values"], inputs.pixel_values)
+    for row, s in enumerate(samples):  # training rows = processor rows + answer + </s>
+        prompt_ids = inputs.input_ids[row][inputs.attention_mask[row].bool()]
+        train_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        answer_ids = proc.tokenizer.convert_tokens_to_ids([s.answer, "</s>"])
+        assert train_ids.tolist() == prompt_ids.tolist() + answer_ids
+
+
+# --------------------------------------------------------------------------------------------------- shipped model
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.fail(f"the shipped model is missing from {SHIPPED}; run scripts/train_synthetic.py")
+    model = LlavaForConditionalGeneration.from_pretrained(SHIPPED, local_files_only=True).eval()
+    return model, AutoProcessor.from_pretrained(SHIPPED, local_files_only=True)
+
+
+def test_shipped_model_is_llava_geometry_and_small(shipped):
+    model, proc = shipped
+    cfg = model.config
+    assert cfg.vision_config.model_type == "clip_vision_model"
+    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size) == (336, 14)
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.text_config.model_type == "llama"
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 50e6
+    assert not list(SHIPPED.glob("*.bin")) and not list(SHIPPED.glob("*.pt"))  # no pickle
+    assert proc.tokenizer.padding_side == "left"
+
+
+def test_shipped_model_answers_heldout_questions(shipped):
+    model, proc = shipped
+    res = evaluate(model, proc, scenes.heldout(64, offset=500), batch_size=32)
+    assert res.accuracy >= 0.9, res
+
+
+def test_generate_matches_forward_argmax(shipped):
+    """evaluate() (processor + generate) and the training-time forward read the same answer position."""
+    model, proc = shipped
+    samples = scenes.heldout(6, offset=900)
+    res = evaluate(model, proc, samples, batch_size=6)
+    inputs = proc(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
+                  padding=True, return_tensors="pt")
+    assert inputs.attention_mask[:, 0].min() == 0  # the batch really is left padded
+    position_ids = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(**inputs, position_ids=position_ids).logits[:, -1]
+    assert proc.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist()) == res.predictions
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+def _tiny_config(train_module, tmp_path: Path, **kw):
+    spec = train_module.ModelSpec(vit_hidden=16, vit_layers=2, vit_heads=2, llm_hidden=16, llm_layers=1,
+                                  llm_heads=2, llm_kv_heads=1, llm_intermediate=32)
+    base = dict(out=str(tmp_path / "model"), ckpt_dir=str(tmp_path / "ckpt"), steps=2, batch_size=2, warmup=1,
+                eval_every=2, eval_samples=4, eval_batch=4, ckpt_every=1, threads=1, spec=spec)
+    return train_module.TrainConfig(**{**base, **kw})
+
+
+def test_training_smoke_resume_and_ship(train_module, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from safetensors.torch import load_file
+
+    cfg = _tiny_config(train_module, tmp_path / "a")
+    summary = train_module.train(cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "a" / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["total"]) for r in log)
+    assert "heldout_acc" in log[-1] and summary["steps"] == 2
+    model = LlavaForConditionalGeneration.from_pretrained(cfg.out, local_files_only=True)
+    assert not any(k.startswith("heads") for k in load_file(Path(cfg.out) / "model.safetensors"))
+    AutoProcessor.from_pretrained(cfg.out, local_files_only=True)
+
+    # Interrupted after step 1 and resumed: the same weights as the uninterrupted run.
+    cfg_b = _tiny_config(train_module, tmp_path / "b")
+    train_module.train(cfg_b, progress=False, stop_after=1)
+    assert not Path(cfg_b.out).exists()  # an unfinished run ships nothing
+    train_module.train(cfg_b, progress=False)
+    resumed = LlavaForConditionalGeneration.from_pretrained(cfg_b.out, local_files_only=True)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    with pytest.raises(ValueError, match="another config"):
+        train_module.train(_tiny_config(train_module, tmp_path / "b", lr=1e-4), progress=False)
