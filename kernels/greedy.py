@@ -25,9 +25,25 @@ from ._backend import load_triton_module, resolve_backend
 MMR_INIT_SIM = -2.0
 
 
+# The torch path precomputes the S x N x N cosine matrix when it is this small (elements): on a CPU, one
+# matmul plus K row reads beats K mat-vecs by 10-20x (576 tokens of width 4096, K=288: 37 vs 710 ms).
+DENSE_MAX = 1 << 26
+
+
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """(S, N, D) -> (S, N, D) float32 rows of unit L2 norm (zero rows stay zero), computed once per call."""
     return F.normalize(x.float(), dim=-1)
+
+
+def _similarity_rows(xn: torch.Tensor):
+    """``rows(j) -> (S, N)`` cosine of every token with token j[s] of each span: a precomputed Gram when it
+    fits DENSE_MAX, one batched mat-vec per call otherwise (the streaming form the Triton kernels use)."""
+    S, N, _ = xn.shape
+    ar = torch.arange(S, device=xn.device)
+    if S * N * N <= DENSE_MAX:
+        gram = xn @ xn.transpose(1, 2)  # (S, N, N)
+        return lambda j: gram[ar, j]
+    return lambda j: torch.bmm(xn, xn[ar, j][:, :, None])[:, :, 0]
 
 
 def _check_tokens(x: torch.Tensor, k: int, name: str = "x") -> None:
@@ -79,19 +95,19 @@ def _check_coverage(cov: torch.Tensor, k: int, valid: torch.Tensor | None) -> to
 
 
 def greedy_kcenter_ref(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
-    """Pure-torch :func:`greedy_kcenter` (same O(K·N·D) streaming math: one mat-vec per step)."""
+    """Pure-torch :func:`greedy_kcenter` (the same update; cosines from a precomputed Gram when it fits)."""
     _check_kcenter(x, k, first)
     S, N, _ = x.shape
     picks = torch.empty(S, k, dtype=torch.long, device=x.device)
     if k == 0:
         return picks
-    xn = normalize_rows(x)  # (S, N, D)
+    sim = _similarity_rows(normalize_rows(x))
     rows = torch.arange(S, device=x.device)
     picks[:, 0] = first
     mind = torch.full((S, N), float("inf"), device=x.device)  # distance to the nearest selected token
     for t in range(1, k):
         prev = picks[:, t - 1]  # (S,)
-        dist = 1.0 - torch.bmm(xn, xn[rows, prev][:, :, None])[:, :, 0]  # (S, N) 1 - cos to the newest pick
+        dist = 1.0 - sim(prev)  # (S, N) 1 - cos to the newest pick
         mind = torch.minimum(mind, dist)
         mind[rows, prev] = float("-inf")  # selected stay at -inf: min(-inf, .) = -inf
         picks[:, t] = mind.argmax(-1)
@@ -125,7 +141,7 @@ def greedy_mmr_ref(x: torch.Tensor, importance: torch.Tensor, k: int, lam: float
     picks = torch.empty(S, k, dtype=torch.long, device=x.device)
     if k == 0:
         return picks
-    xn = normalize_rows(x)  # (S, N, D)
+    sim_rows = _similarity_rows(normalize_rows(x))
     imp = importance.float()  # (S, N)
     rows = torch.arange(S, device=x.device)
     picks[:, 0] = imp.argmax(-1)
@@ -133,8 +149,7 @@ def greedy_mmr_ref(x: torch.Tensor, importance: torch.Tensor, k: int, lam: float
     taken = torch.zeros(S, N, dtype=torch.bool, device=x.device)
     for t in range(1, k):
         prev = picks[:, t - 1]
-        sim = torch.bmm(xn, xn[rows, prev][:, :, None])[:, :, 0]  # (S, N)
-        sim_max = torch.maximum(sim_max, sim)
+        sim_max = torch.maximum(sim_max, sim_rows(prev))  # (S, N)
         taken[rows, prev] = True
         score = (lam * imp - (1.0 - lam) * sim_max).masked_fill(taken, float("-inf"))
         picks[:, t] = score.argmax(-1)
