@@ -10,8 +10,9 @@ How the numbers are made (DESIGN, "Measuring speed honestly"):
   layers by the real depth's schedule of token counts (the method's real layers, e.g. FastV K=2 of 32,
   TransPrune 7/9/12) using the per-layer times measured at those counts; everything else (embedding,
   projector, selection, hooks) is counted once, as measured.
-* Efficiency E = prefill of the same model fed only the kept tokens, with no pruner (for in-LLM methods:
-  layers before K see every token) / pruned prefill. Raw and scaled figures are both printed.
+* Efficiency E = prefill of the same model fed only the kept tokens, with no pruner (its vision tower and
+  projector still encode the image; for in-LLM methods the layers before K see every token) / pruned
+  prefill. Raw and scaled figures are both printed.
 * KV-cache bytes are read from the cache after prefill (per layer) and scaled the same way; the "ideal"
   is what a cache holding exactly the schedule's tokens would take. FLOPs come from FlopCounterMode,
   per module, scaled the same way. Peak memory: CUDA's allocator on GPU, sampled process RSS on CPU.
@@ -172,6 +173,7 @@ class Bench:
         self.reps, self.decode_steps, self.generate_tokens = reps, decode_steps, generate_tokens
         self.progress = progress
         self.n_visual = int(self.adapter.visual_masks(self.inputs["input_ids"], None)["image"].sum())
+        self._vision_inputs = {k: v for k, v in self.inputs.items() if k in ("pixel_values", "image_grid_thw")}
         self.n_text = self.inputs["input_ids"].shape[1] - self.n_visual
 
     # ------------------------------------------------------------------------------------ configurations
@@ -233,7 +235,8 @@ class Bench:
         _sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            if embeds is not None:
+            if embeds is not None:  # the same model, given the image, with only the kept tokens reaching the LLM
+                self.model.model.get_image_features(**self._vision_inputs)
                 self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             else:
                 self.model(**self.inputs, use_cache=True, logits_to_keep=1)
