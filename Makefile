@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY := PASSIVE
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kernels]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kernels,video]"
 	touch $(STAMP)
 
 install: $(STAMP)

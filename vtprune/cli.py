@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     acc.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64, 32, 16])
     acc.add_argument("--seeds", type=int, default=3, help="seeds averaged for random")
     acc.add_argument("--out", default="out")
+    from vtprune.video_qa import add_arguments as video_qa_arguments
+
+    video_qa_arguments(sub.add_parser("video-qa", help="answer, score and time a video question set (docs/video.md)"))
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("models", help="list the supported model families")
     args = parser.parse_args(argv)
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         methods = ACC_METHODS if not args.methods else [(m, o) for m, o in ACC_METHODS if m in args.methods]
         run_accuracy(args.model or DEFAULT_MODEL, n=args.samples, methods=methods, budgets=tuple(args.budgets),
                      random_seeds=args.seeds, out_dir=args.out)
+    elif args.command == "video-qa":
+        from vtprune.video_qa import run as run_video_qa
+
+        run_video_qa(args)
     elif args.command == "calibrate-entropy":
         from vtprune.methods.entropy import entropy_profile
 
