@@ -19,15 +19,22 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kernels,video]"
 	touch $(STAMP)
 
+# lmms-eval installs with --no-deps plus what its import path needs (its torchvision pin would replace the
+# CPU torch); the script refuses to finish if torch changed or torchvision appeared.
+LMMS := $(VENV)/.lmms_eval
+$(LMMS): $(STAMP) scripts/setup_lmms_eval.sh
+	scripts/setup_lmms_eval.sh $(VENV)
+	touch $(LMMS)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vtprune demo --out out
 
-test: $(STAMP)
+test: $(STAMP) $(LMMS)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(LMMS)
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

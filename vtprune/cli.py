@@ -10,6 +10,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # its options live in vtprune/eval_runner.py (lmms-eval imported lazily)
+        from vtprune.eval_runner import main as eval_main
+
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="vtprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="speed-up and efficiency of every method on the embedded default model")
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from vtprune.video_qa import add_arguments as video_qa_arguments
 
     video_qa_arguments(sub.add_parser("video-qa", help="answer, score and time a video question set (docs/video.md)"))
+    sub.add_parser("eval", help="lmms-eval: unpruned baseline + method x budget sweeps in one run (eval/README.md)")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("models", help="list the supported model families")
     args = parser.parse_args(argv)
