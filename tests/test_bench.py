@@ -24,6 +24,20 @@ def test_speed_bench_smoke_on_the_tiny_proxy(tmp_path):
     assert (tmp_path / "bench.csv").exists()
 
 
+def test_selection_cost_bench_at_two_context_lengths(tmp_path):
+    from vtprune.bench.speed import selection
+
+    rows = selection("tiny", images=(1, 3), keep_per_image=16, reps=1, methods=[("kcenter", {}), ("fastv", {})],
+                     out_dir=tmp_path)
+    assert [(r["method"], r["n_visual"], r["keep"]) for r in rows] == [
+        ("kcenter", 576, 16), ("fastv", 576, 16), ("kcenter", 1728, 48), ("fastv", 1728, 48)]
+    for r in rows:
+        assert r["select_ms"] > 0 and r["select_pct"] == pytest.approx(100 * r["select_ms"] / r["prefill_scaled_ms"])
+    # the long context costs more to prefill
+    assert rows[2]["prefill_scaled_ms"] > rows[0]["prefill_scaled_ms"]
+    assert (tmp_path / "selection_tiny.csv").exists()
+
+
 def test_accuracy_bench_on_a_small_synthetic_model(tmp_path):
     from vtprune.bench.accuracy import run
     from vtprune.synthetic.model import ModelSpec, build_model

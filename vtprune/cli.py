@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--out", default="out")
+    bench.add_argument("--selection", action="store_true",
+                       help="only the selection cost vs the unpruned prefill, at 576 and 6336 visual tokens")
+    bench.add_argument("--images", nargs="+", type=int, default=[1, 11], help="with --selection: images per prompt")
     acc = sub.add_parser("accuracy", help="accuracy of every method x budget on the offline synthetic VQA benchmark")
     acc.add_argument("--model", default=None, help="model directory (default: the shipped models/synthetic-llava)")
     acc.add_argument("--samples", type=int, default=500)
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.bench.speed import BENCH_METHODS, run as run_bench
 
         methods = BENCH_METHODS if not args.methods else [(m, o) for m, o in BENCH_METHODS if m in args.methods]
+        if args.selection:
+            from vtprune.bench.speed import selection
+
+            for proxy in args.proxy:
+                selection(proxy, images=tuple(args.images), reps=args.reps, methods=methods, out_dir=args.out)
+            return 0
         run_bench(args.proxy, out_dir=args.out, reps=args.reps, methods=methods, budgets=tuple(args.budgets))
     elif args.command == "accuracy":
         from vtprune.bench.accuracy import ACC_METHODS, DEFAULT_MODEL, run as run_accuracy

@@ -58,7 +58,7 @@ def build_proxy(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
                                     num_attention_heads=16, image_size=336, patch_size=14)
         text = T.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                              num_hidden_layers=p.proxy_text_layers, num_attention_heads=32, num_key_value_heads=32,
-                             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=4096)
+                             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=8192)
     else:
         cfg = T.Qwen2VLConfig(
             vision_config=dict(depth=p.proxy_vision_layers, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4,
@@ -80,12 +80,15 @@ def build_proxy(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
     return model
 
 
-def proxy_inputs(model: torch.nn.Module, proxy: Proxy, seed: int = 0) -> dict[str, Any]:
-    """A LLaVA-shaped single prompt for the proxy: system text, the image, a question."""
+def proxy_inputs(model: torch.nn.Module, proxy: Proxy, seed: int = 0, images: int = 1) -> dict[str, Any]:
+    """A LLaVA-shaped single prompt for the proxy: system text, the image(s), a question. ``images > 1``
+    (LLaVA geometry only) stands for a long visual context, e.g. 11 images = 6336 tokens ~ 32 video frames."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, 400, (proxy.system_tokens + proxy.question_tokens,), generator=g).tolist()
     before, after = [BOS] + text[: proxy.system_tokens], text[proxy.system_tokens :]
     if proxy.family == "qwen2_vl":
+        if images != 1:
+            raise ValueError(f"proxy {proxy.name!r} takes one image, got images={images}")
         vc = model.config.vision_config
         h = w = 48  # 672 px / 14: 48 x 48 patches -> 24 x 24 = 576 merged tokens
         ids = torch.tensor([before + [VSTART] + [IMAGE] * (h * w // 4) + [VEND] + after])
@@ -93,7 +96,7 @@ def proxy_inputs(model: torch.nn.Module, proxy: Proxy, seed: int = 0) -> dict[st
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
                 "image_grid_thw": torch.tensor([[1, h, w]]), "mm_token_type_ids": (ids == IMAGE).int()}
     n = model.config.image_seq_length
-    ids = torch.tensor([before + [IMAGE] * n + after])
+    ids = torch.tensor([before + [IMAGE] * (n * images) + after])
     px = model.config.vision_config.image_size
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(1, 3, px, px, generator=g).to(model.dtype)}
+            "pixel_values": torch.randn(images, 3, px, px, generator=g).to(model.dtype)}
