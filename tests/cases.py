@@ -1,11 +1,13 @@
 """The method x adapter matrix: every DESIGN invariant runs on every cell (tests/test_invariants.py).
 
-Adding a method: one entry in METHOD_CASES. Adding a model family: one entry in ADAPTER_CASES (and a
-builder in vtprune/testing/tiny.py); every method then runs on it.
+Adding a method: nothing (``_fill_matrix`` gives every registered method a default case at each stage it
+allows); add an entry to METHOD_CASES when the default does not fit. Adding a model family: one entry in
+ADAPTER_CASES (and a builder in vtprune/testing/tiny.py); every method then runs on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +52,46 @@ METHOD_CASES = [
     MethodCase("dart", vtprune.method("dart", pivots=2, text_pivots=2), {"keep": 6, "layer": 1}),
     MethodCase("transition", vtprune.method("transition", layer=(1, 2), fractions=(0.75, 0.5)), {"ratio": 0.5}),
     MethodCase("debiased", vtprune.method("debiased_attention", layer=1, coef=(-1.0,)), {"ratio": 0.5}),
+    MethodCase("debiased-cls", vtprune.method("debiased_attention", host="cls_attention", coef=(-1.0,)), {"keep": 5}),
+    # pre-LLM methods also run inside the LLM (scored on hidden states / their own signals)
+    MethodCase("pool@layer1", vtprune.method("pool", merge="none", layer=1), {"ratio": 0.5}),
+    MethodCase("cls_attention@layer2", "cls_attention", {"keep": 5, "layer": 2}),
+    MethodCase("mmr@layer1", "mmr", {"ratio": 0.5, "layer": 1}),
+    MethodCase("coverage@layer1", "coverage", {"ratio": 0.6, "layer": 1}),
+    MethodCase("zeroth_order@layer1", vtprune.method("zeroth_order", m=8, layer=1), {"ratio": 0.5}),
+    MethodCase("visionzip@layer1", "visionzip", {"keep": 6, "layer": 1}, merges=True),
 ]
+
+
+def _stages_covered(case: MethodCase) -> set[tuple[str, str]]:
+    """(method name, "pre" | "layer") pairs a case exercises, including the steps a method expands to."""
+    methods = case.method if isinstance(case.method, list) else [case.method]
+    out = set()
+    for m in methods:
+        m = vtprune.method(m) if isinstance(m, str) else m
+        if "layer" in case.kwargs and len(methods) == 1:
+            m = dataclasses.replace(m, layer=case.kwargs["layer"])
+        m = m.resolve(32)
+        for step in m.expand(32):
+            out.add((step.name, "layer" if step.layers else "pre"))
+    return out
+
+
+def _fill_matrix() -> None:
+    """A registered method with no case at a stage it allows gets a default one, so a new method file joins
+    the matrix by itself (give it an explicit case above when the default does not fit, e.g. it merges)."""
+    from vtprune.registry import METHODS
+
+    covered = set().union(*(_stages_covered(c) for c in METHOD_CASES))
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        if cls.pre_llm_ok and (name, "pre") not in covered:
+            METHOD_CASES.append(MethodCase(f"{name}[default]", name, {"ratio": 0.5}))
+        if cls.layer_ok and (name, "layer") not in covered:
+            METHOD_CASES.append(MethodCase(f"{name}@layer1[default]", name, {"ratio": 0.5, "layer": 1}))
+
+
+_fill_matrix()
 
 ADAPTER_CASES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl",
                  "qwen3_vl"]

@@ -61,6 +61,25 @@ def test_registry_did_you_mean_aliases_and_entry_points(monkeypatch):
     assert reg.get("beta") is collections.Counter and "beta" in reg.names()
 
 
+def test_method_files_register_themselves_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, vtprune; from vtprune.registry import METHODS; "
+            "before = [m for m in sys.modules if m.startswith('vtprune.methods.')]; "
+            "names = METHODS.names(); print(before, 'fastv' in names, METHODS.canonical('divprune'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True", "kcenter"]  # nothing imported before the first lookup
+
+    from vtprune.methods.random import RandomPrune
+
+    reg = Registry("widget", "vtprune.test_widgets")
+    with pytest.raises(ValueError, match="registered as 'other'"):
+        reg.register("other")(RandomPrune)  # its class attribute says "random"
+    reg.register("random")(RandomPrune)
+    reg.register("random")(RandomPrune)  # the same class again (a module reload) is a no-op
+
+
 def test_llava_next_layout_matches_the_real_newlines():
     from vtprune.testing.tiny import IMAGE, Row, build, make_inputs
 

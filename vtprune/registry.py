@@ -1,7 +1,9 @@
 """Name → class registries for methods and adapters.
 
-Entries are lazy (``"module:attr"`` strings) so importing vtprune imports no method or adapter code.
-Third-party packages add their own through entry-point groups::
+Nothing is imported until a registry is first used, so importing vtprune imports no method or adapter code.
+A built-in method is one file in ``vtprune/methods/`` whose class carries ``@METHODS.register("name")``: the
+registry imports every module of that package on first use (no list to edit). Adapters are listed below as
+lazy ``"module:attr"`` strings. Third-party packages add their own through entry-point groups::
 
     [project.entry-points."vtprune.methods"]
     my_method = "my_pkg.my_method:MyMethod"
@@ -11,39 +13,64 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from importlib import metadata
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+def _same(a: object, b: object) -> bool:
+    """The same class, also across a module reload (re-registration is then a no-op)."""
+
+    def key(t: object) -> str:
+        return t if isinstance(t, str) else f"{t.__module__}:{t.__qualname__}"  # type: ignore[attr-defined]
+
+    return key(a) == key(b)
+
+
 class Registry(Generic[T]):
     """A lazy registry with aliases, "did you mean" errors and an entry-point group."""
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str, package: str | None = None) -> None:
         self.kind = kind
         self.group = group
+        self.package = package  # every module of it is imported on first use (its classes self-register)
         self._entries: dict[str, T | str] = {}
         self._aliases: dict[str, str] = {}
         self._entry_points_loaded = False
+        self._discovered = package is None
 
     def add(self, name: str, target: T | str, *, aliases: tuple[str, ...] = ()) -> None:
         """Register ``target`` (a class, or a lazy ``"module:attr"`` string) under ``name``."""
         for key in (name, *aliases):
-            if key in self._entries or key in self._aliases:
+            held = self._entries.get(key, self._entries.get(self._aliases.get(key, ""), None))
+            if held is not None and not _same(held, target):
                 raise ValueError(f"{self.kind} name {key!r} is already registered")
         self._entries[name] = target
         for alias in aliases:
             self._aliases[alias] = name
 
     def register(self, name: str, *, aliases: tuple[str, ...] = ()):
-        """Class decorator: ``@METHODS.register("my_method")``."""
+        """Class decorator: ``@METHODS.register("my_method")``; the class's ``name`` must agree."""
 
         def deco(cls: T) -> T:
+            own = getattr(cls, "name", name)
+            if own != name:
+                raise ValueError(f"{cls.__name__}.name is {own!r} but it is registered as {name!r}")
             self.add(name, cls, aliases=aliases)
             return cls
 
         return deco
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        pkg = importlib.import_module(self.package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_") and info.name != "base":
+                importlib.import_module(f"{self.package}.{info.name}")
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -57,6 +84,7 @@ class Registry(Generic[T]):
         """The registry key for ``name`` (resolving aliases); raises with suggestions if unknown."""
         if not isinstance(name, str):
             raise TypeError(f"{self.kind} name must be a string, got {type(name).__name__}")
+        self._discover()
         if name not in self._entries and name not in self._aliases:
             self._load_entry_points()
         if name in self._aliases:
@@ -78,6 +106,7 @@ class Registry(Generic[T]):
         return target  # type: ignore[return-value]
 
     def names(self, *, include_aliases: bool = False) -> list[str]:
+        self._discover()
         self._load_entry_points()
         names = list(self._entries)
         if include_aliases:
@@ -85,6 +114,7 @@ class Registry(Generic[T]):
         return sorted(names)
 
     def aliases_of(self, name: str) -> list[str]:
+        self._discover()
         return sorted(a for a, target in self._aliases.items() if target == name)
 
     def __contains__(self, name: object) -> bool:
@@ -95,22 +125,7 @@ class Registry(Generic[T]):
         return True
 
 
-# One line per method: adding a method is one new file plus one line here.
-METHODS: Registry = Registry("method", "vtprune.methods")
-METHODS.add("random", "vtprune.methods.random:RandomPrune")
-METHODS.add("pool", "vtprune.methods.pool:SpatialPool", aliases=("downsample",))
-METHODS.add("fastv", "vtprune.methods.fastv:FastV")
-METHODS.add("cls_attention", "vtprune.methods.cls_attention:ClsAttention", aliases=("fastervlm",))
-METHODS.add("kcenter", "vtprune.methods.kcenter:KCenter", aliases=("divprune",))
-METHODS.add("todre_drop", "vtprune.methods.kcenter:MigrationDrop")
-METHODS.add("mmr", "vtprune.methods.mmr:MMR", aliases=("idpruner",))
-METHODS.add("coverage", "vtprune.methods.coverage:Coverage", aliases=("mmtok",))
-METHODS.add("entropy", "vtprune.methods.entropy:EntropyPrune", aliases=("entropyprune",))
-METHODS.add("debiased_attention", "vtprune.methods.debiased_attention:DebiasedAttention")
-METHODS.add("zeroth_order", "vtprune.methods.zeroth_order:ZerothOrder", aliases=("zoo_prune", "zooprune"))
-METHODS.add("transition", "vtprune.methods.transition:TransPrune", aliases=("transprune",))
-METHODS.add("visionzip", "vtprune.methods.visionzip:VisionZip")
-METHODS.add("dart", "vtprune.methods.dart:DART")
+METHODS: Registry = Registry("method", "vtprune.methods", package="vtprune.methods")
 
 ADAPTERS: Registry = Registry("model adapter", "vtprune.adapters")
 ADAPTERS.add("llava", "vtprune.adapters.llava:LlavaAdapter")

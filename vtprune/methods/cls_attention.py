@@ -29,8 +29,10 @@ import torch
 
 from vtprune.methods.base import ScoreMethod
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
+@METHODS.register("cls_attention", aliases=("fastervlm",))
 @dataclass(frozen=True, kw_only=True)
 class ClsAttention(ScoreMethod):
     """Top-k patches by [CLS] attention (head mean) of the ViT feature layer."""

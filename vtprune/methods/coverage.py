@@ -36,6 +36,7 @@ from vtprune.kernels import greedy_coverage as kernel_coverage
 from vtprune.methods._instruction import instruction_embeddings, text_coverage
 from vtprune.methods.base import Method
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def vision_coverage(xv: torch.Tensor, tau: float) -> torch.Tensor:
@@ -65,6 +66,7 @@ def greedy_coverage(cov: torch.Tensor, k: int, excluded: torch.Tensor | None = N
     return torch.stack(picks, 1)
 
 
+@METHODS.register("coverage", aliases=("mmtok",))
 @dataclass(frozen=True, kw_only=True)
 class Coverage(Method):
     """MMTok: greedy coverage of the instruction keywords and of the image's own features."""

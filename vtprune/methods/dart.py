@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from vtprune.budget import Budget
 from vtprune.methods.base import LayerSpec, Method
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def dart_topk(budget: int, n: int, pivots: int = 4, text_pivots: int = 4) -> int:
@@ -38,6 +39,7 @@ def dart_topk(budget: int, n: int, pivots: int = 4, text_pivots: int = 4) -> int
     return max(0, min(budget // per, (n - pivots) // per))
 
 
+@METHODS.register("dart")
 @dataclass(frozen=True, kw_only=True)
 class DART(Method):
     """DART: pivots by key L1 norm, then the least duplicated tokens per pivot (layer K, default 2)."""

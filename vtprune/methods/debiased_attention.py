@@ -32,6 +32,7 @@ import torch
 
 from vtprune.methods.base import Method, ScoreMethod, build
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 TRENDS = ("exp", "poly3", "none")
 
@@ -64,6 +65,7 @@ def fit_trend(x: torch.Tensor, y: torch.Tensor, trend: str, bins: int = 64) -> t
     return tuple(float(c) for c in sol)
 
 
+@METHODS.register("debiased_attention")
 @dataclass(frozen=True, kw_only=True)
 class DebiasedAttention(ScoreMethod):
     """Host attention score x positional de-trending, padding last (standalone: FastV host, layer 2)."""
@@ -79,8 +81,6 @@ class DebiasedAttention(ScoreMethod):
     _host: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from vtprune.registry import METHODS
-
         hcls = METHODS.get(self.host)
         if not issubclass(hcls, ScoreMethod) or hcls is DebiasedAttention:
             raise ValueError(f"debiased_attention: host {self.host!r} is not an attention-scored method "

@@ -32,6 +32,7 @@ import torch
 from vtprune.budget import Budget
 from vtprune.methods.base import LayerSpec, ScoreMethod
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def matrix_entropy(q: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,7 @@ def matrix_entropy(q: torch.Tensor) -> torch.Tensor:
     return (-(lam * lam.log()).sum(-1) / math.log(H)).float()
 
 
+@METHODS.register("entropy", aliases=("entropyprune",))
 @dataclass(frozen=True, kw_only=True)
 class EntropyPrune(ScoreMethod):
     """Highest per-token matrix entropy of layer K-1's queries survive into layer K (default 2)."""

@@ -25,8 +25,10 @@ import torch
 
 from vtprune.methods.base import LayerSpec, ScoreMethod
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
+@METHODS.register("fastv")
 @dataclass(frozen=True, kw_only=True)
 class FastV(ScoreMethod):
     """Last-token attention at layer K-1 (head mean); prunes at the input of layer K (default 2)."""

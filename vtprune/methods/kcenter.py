@@ -45,6 +45,7 @@ import dataclasses
 from vtprune.kernels import greedy_kcenter
 from vtprune.methods.base import LayerSpec, Method, Selection
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,7 @@ VARIANTS = ("divprune", "todre", "todre_v1")
 PIVOTS = ("auto", "cls", "received", "random")
 
 
+@METHODS.register("kcenter", aliases=("divprune",))
 @dataclass(frozen=True, kw_only=True)
 class KCenter(Method):
     """Greedy diversity on the tokens where it acts (LLM input by default): DivPrune or ToDRE."""
@@ -152,6 +154,7 @@ class KCenter(Method):
         return greedy_kcenter(sig.tokens, k, first)
 
 
+@METHODS.register("todre_drop")
 @dataclass(frozen=True, kw_only=True)
 class MigrationDrop(Method):
     """ToDRE stage 2 ("information migration"): at layer K, drop ALL visual tokens of a span whose

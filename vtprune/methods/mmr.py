@@ -36,6 +36,7 @@ from vtprune.kernels import greedy_mmr
 from vtprune.methods._instruction import instruction_embeddings, text_coverage
 from vtprune.methods.base import Method
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def normalise(w: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,7 @@ def mmr(x: torch.Tensor, importance: torch.Tensor, k: int, lam: float = 0.5, par
     return torch.stack(picks, 1)  # (S, k)
 
 
+@METHODS.register("mmr", aliases=("idpruner",))
 @dataclass(frozen=True, kw_only=True)
 class MMR(Method):
     """IDPruner's MMR of a training-free importance and cosine diversity of the projected tokens."""

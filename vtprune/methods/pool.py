@@ -26,6 +26,7 @@ import torch
 
 from vtprune.methods.base import Method, Selection
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def _split(k: int, weights: list[int], caps: list[int] | None = None) -> list[int]:
@@ -89,6 +90,7 @@ def spatial_pool(grid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return cell, rep
 
 
+@METHODS.register("pool", aliases=("downsample",))
 @dataclass(frozen=True, kw_only=True)
 class SpatialPool(Method):
     """k evenly spread spatial cells per span; keep one token per cell, mean-pooled by default."""

@@ -18,6 +18,7 @@ import torch
 
 from vtprune.methods.base import ScoreMethod
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def random_scores(num_spans_ordinals: list[int], n: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -29,6 +30,7 @@ def random_scores(num_spans_ordinals: list[int], n: int, seed: int, device: torc
     return torch.stack(rows).to(device)  # (S, n)
 
 
+@METHODS.register("random")
 @dataclass(frozen=True, kw_only=True)
 class RandomPrune(ScoreMethod):
     """Keep a seeded random subset of each span (acts before the LLM, or at ``layer=K``)."""

@@ -33,10 +33,12 @@ import torch
 from vtprune.budget import Budget
 from vtprune.methods.base import LayerSpec, ScoreMethod
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 REF_LAYERS, REF_FRACTIONS, REF_DEPTH = (7, 9, 12), (0.875, 0.625, 0.125), 32
 
 
+@METHODS.register("transition", aliases=("transprune",))
 @dataclass(frozen=True, kw_only=True)
 class TransPrune(ScoreMethod):
     """TransPrune: TTV over the accumulation layers + IGA at each pruning layer, progressive."""

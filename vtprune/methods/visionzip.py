@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from vtprune.methods.base import Method, Selection, topk_stable
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def contextual_merge(h: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor,
@@ -50,6 +51,7 @@ def contextual_merge(h: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor,
     return targets, (h[targets].float() + sums / counts).to(h.dtype)
 
 
+@METHODS.register("visionzip")
 @dataclass(frozen=True, kw_only=True)
 class VisionZip(Method):
     """VisionZip: dominant patches by [CLS] attention, [CLS] itself, merged contextual tokens."""

@@ -38,6 +38,7 @@ import torch
 from vtprune.methods.base import Method
 from vtprune.methods.kcenter import cosine_distance
 from vtprune.signals import Signals
+from vtprune.registry import METHODS
 
 
 def directions(m: int, dim: int, seed: int) -> torch.Tensor:
@@ -85,6 +86,7 @@ def sads(dist: torch.Tensor, s_hat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(picks, 1)
 
 
+@METHODS.register("zeroth_order", aliases=("zoo_prune", "zooprune"))
 @dataclass(frozen=True, kw_only=True)
 class ZerothOrder(Method):
     """ZOO-Prune: projector sensitivity (m random directions) times cosine diversity, greedy."""
