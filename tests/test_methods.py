@@ -18,6 +18,7 @@ from vtprune.methods.base import Method
 from vtprune.methods.kcenter import divprune
 from vtprune.methods.pool import grid_cells, spatial_pool
 from vtprune.methods.random import random_scores
+from vtprune.registry import METHODS
 from vtprune.signals import Signals
 from vtprune.testing.reference import masked_forward, pruned_rows
 from vtprune.testing.tiny import IMAGE, build, make_inputs
@@ -274,6 +275,48 @@ def test_methods_run_on_plain_tensors():
         assert idx.shape == (2, 7) and all(len(set(r.tolist())) == 7 for r in idx)
     top = vtprune.method("cls_attention").select(sig, 7)
     assert set(top[0].tolist()) == set(sig.cls_attention()[0].topk(7).indices.tolist())
+
+
+def _all_signals(S: int = 2, N: int = 40, D: int = 16, Dv: int = 12, H: int = 2, d: int = 8, T: int = 5) -> dict:
+    """Every signal of vtprune.types.SIGNALS as plain tensors / callables (random, seeded)."""
+    g = torch.Generator().manual_seed(0)
+    r = functools.partial(torch.randn, generator=g)
+    mask = torch.ones(S, T, dtype=torch.bool)
+    mask[1, -2:] = False  # a shorter instruction in row 1
+    grid = torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) // 8, torch.arange(N) % 8], 1)
+    return dict(
+        tokens=r(S, N, D), projected=r(S, N, D), vit_features=r(S, N, Dv), vit_keys=r(S, N, H, d),
+        vit_cls=r(S, N, Dv), cls_attention=r(S, N).softmax(-1), received_attention=r(S, N).softmax(-1),
+        instruction=(r(S, T, D), mask), instruction_ids=(torch.randint(0, 50, (S, T), generator=g), mask),
+        embed_tokens=torch.nn.Embedding(50, D), text_attention=r(S, N).softmax(-1), hidden_prev=r(S, N, D),
+        prev_queries=r(S, N, H, d), prev_keys={"visual": r(S, N, H, d), "text": (r(S, T, H, d), mask)},
+        text_tokens=(r(S, T, D), mask), final_norm=torch.nn.RMSNorm(D), padding_fraction=torch.zeros(S, N),
+        transition=r(S, N).abs(), projector=torch.nn.Linear(Dv, D), grid=grid.expand(S, N, 3),
+        prompt_positions=torch.arange(N).expand(S, N) + 7,
+    )
+
+
+# options a method needs before it can run without a model (a fitted curve, a small probe count)
+_PLAIN_OPTIONS = {"debiased_attention": {"coef": (-1.0,)}, "zeroth_order": {"m": 8}, "dart": {"pivots": 2},
+                  "todre_drop": {"layer": 2}}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_registered_method_runs_on_plain_tensors(name):
+    """The documented use without a model: exactly k distinct candidates per span, merges of width D."""
+    with torch.no_grad():
+        method = vtprune.method(name, **_PLAIN_OPTIONS.get(name, {})).resolve(32)
+        layer = method.layers[-1] if method.layers else None
+        sig = Signals.from_tensors(stage="layer" if layer is not None else method.stage, layer=layer,
+                                   **_all_signals())
+        out = method.select(sig, 7)
+    sel = out if isinstance(out, vtprune.Selection) else vtprune.Selection(out)
+    assert sel.index.shape == (2, 7) and all(len(set(r.tolist())) == 7 for r in sel.index)
+    assert int(sel.index.min()) >= 0 and int(sel.index.max()) < 40
+    if sel.values is not None:
+        assert sel.values.shape == (2, 7, 16)
+    if sel.drop is not None:
+        assert sel.drop.shape == (2,) and sel.drop.dtype == torch.bool
 
 
 def test_registering_a_method_is_one_class(monkeypatch):

@@ -321,6 +321,31 @@ def test_transition_variation_matches_hooks_on_the_sublayers():
     torch.testing.assert_close(seen["ttv"][0], expected[seen["pos"][0]], rtol=1e-5, atol=1e-7)
 
 
+def test_transition_keeps_the_tokens_whose_representation_changes_most():
+    """Planted: layer 0's MLP output on 4 chosen image tokens is -30 x its input (norm ratio 30, direction
+    reversed); TransPrune at layer 1 with k = 4 must keep exactly those, whatever the attention says."""
+    model = _model("llava")
+    inputs = make_inputs(model, rows_for(model)[:1])
+    vis = (inputs["input_ids"][0] == IMAGE).nonzero()[:, 0]
+    planted = vis[torch.tensor([1, 5, len(vis) // 2, len(vis) - 3])]
+    mlp = model.model.language_model.layers[0].mlp
+
+    def plant(mod, args, out):
+        out = out.clone()
+        out[:, planted] = -30 * args[0][:, planted]
+        return out
+
+    h0 = mlp.register_forward_hook(plant)  # before vtprune's hooks: they read the planted output
+    try:
+        method = vtprune.method("transition", layer=(1,), fractions=(0.5,), accumulate=(0,))
+        with vtprune.prune(model, method, keep=4) as h, torch.no_grad():
+            model(**inputs)
+            kept = h.stats.positions_at(1)[0]
+    finally:
+        h0.remove()
+    assert sorted(set(kept.tolist()) & set(vis.tolist())) == sorted(planted.tolist())
+
+
 # ------------------------------------------------------------------------------------------------ decoder signals
 def test_prev_queries_keys_and_self_attention_match_eager():
     """Post-RoPE queries/keys of layer K-1 and layer K's own text attention, against an eager forward."""

@@ -59,6 +59,11 @@ class Signals:
 
             sig = Signals.from_tensors(tokens=torch.randn(2, 576, 4096))
             keep = vtprune.method("kcenter").select(sig, k=64)      # (2, 64)
+
+        Each keyword is a signal of ``vtprune.types.SIGNALS`` with the shape its accessor documents; it
+        serves every option of that accessor, or give a dict keyed by the option's value, e.g.
+        ``prev_keys={"visual": keys, "text": (text_keys, text_mask)}``. Layer-stage methods want
+        ``stage="layer"``. tests/test_methods.py runs every registered method this way.
         """
         first = next((v for v in signals.values() if torch.is_tensor(v) and v.dim() >= 2), None)
         if first is None:
@@ -91,8 +96,11 @@ class Signals:
         key = name if not kw else (name, tuple(sorted(kw.items())))
         if key in self._given:
             return self._given[key]
-        if name in self._given:  # a plain tensor given to from_tensors serves every option
-            return self._given[name]
+        if name in self._given:  # a plain value given to from_tensors serves every option ...
+            value = self._given[name]
+            if isinstance(value, dict) and len(kw) == 1:  # ... or a dict keyed by the option's value
+                return value[next(iter(kw.values()))]
+            return value
         if self._source is None:
             raise KeyError(f"signal {name!r} was not given to Signals.from_tensors(...)")
         value = self._source.signal(name, self, **kw)
