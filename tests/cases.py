@@ -51,8 +51,9 @@ METHOD_CASES = [
     MethodCase("visionzip", "visionzip", {"keep": 6}, merges=True),
     MethodCase("dart", vtprune.method("dart", pivots=2, text_pivots=2), {"keep": 6, "layer": 1}),
     MethodCase("transition", vtprune.method("transition", layer=(1, 2), fractions=(0.75, 0.5)), {"ratio": 0.5}),
-    MethodCase("debiased", vtprune.method("debiased_attention", layer=1, coef=(-1.0,)), {"ratio": 0.5}),
-    MethodCase("debiased-cls", vtprune.method("debiased_attention", host="cls_attention", coef=(-1.0,)), {"keep": 5}),
+    MethodCase("debiased", vtprune.method("debiased_attention", layer=1, coef=(-1.0,), sink=1.2), {"ratio": 0.5}),
+    MethodCase("debiased-cls", vtprune.method("debiased_attention", host="cls_attention", coef=(-1.0,), sink=1.2),
+               {"keep": 5}),
     # pre-LLM methods also run inside the LLM (scored on hidden states / their own signals)
     MethodCase("pool@layer1", vtprune.method("pool", merge="none", layer=1), {"ratio": 0.5}),
     MethodCase("cls_attention@layer2", "cls_attention", {"keep": 5, "layer": 2}),

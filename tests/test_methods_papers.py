@@ -221,6 +221,26 @@ def test_debiasing_ranks_padding_last():
     assert m.select(sig, 2)[0].tolist() == [1, 2]
 
 
+def test_debiasing_ranks_attention_sinks_last():
+    """Planted: the two most-attended tokens are norm outliers (10x); sink=3 drops them, padding stays last."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 12, 16, generator=g)
+    x = x / x.norm(dim=-1, keepdim=True)  # unit norms ...
+    x[0, [3, 8]] *= 10  # ... but two sinks
+    s = torch.linspace(0.1, 0.2, 12)[None].clone()
+    s[0, [3, 8]] = 1.0  # the sinks draw the most attention
+    pad = torch.zeros(1, 12)
+    pad[0, 11] = 1.0
+    sig = Signals.from_tensors(text_attention=s, tokens=x, padding_fraction=pad, stage="layer", layer=2)
+    plain = vtprune.method("debiased_attention", trend="none")
+    assert set(plain.select(sig, 3)[0].tolist()) == {3, 8, 10}
+    sinkless = vtprune.method("debiased_attention", trend="none", sink=3.0)
+    assert sinkless.select(sig, 3)[0].tolist() == [10, 9, 7]  # 11 is padding, 3 and 8 sinks
+    assert sinkless.select(sig, 12)[0].tolist()[-3:] == [3, 8, 11]  # sinks by score, then padding
+    with pytest.raises(ValueError, match="sink=0.5"):
+        vtprune.method("debiased_attention", trend="none", sink=0.5)
+
+
 def test_padding_fraction_reads_expand2square_fill():
     model = _model("llava")
     inputs = make_inputs(model, rows_for(model)[:1])

@@ -7,7 +7,9 @@ Text-to-image attention grows with the image token's position (later tokens sit 
 attention-scored pruner keeps the bottom of the image. The trend f(x) of the host's score along the token's
 relative position x = i / N is fitted on the model's own attention (``calibrate``); scores are multiplied by
 w(x) = f(0) / f(x) before the top-k, and pad-to-square patches (more than ``pad_threshold`` of the patch is
-fill) are ranked last. ``trend="exp"`` fits f(x) = exp(a + b x) by least squares on log scores (the paper);
+fill) are ranked last; with ``sink=c``, so are attention-sink tokens (representation norm > c x the span's
+median: ViT high-norm artefacts at the vision stage, massive-activation tokens in the LLM).
+``trend="exp"`` fits f(x) = exp(a + b x) by least squares on log scores (the paper);
 ``"poly3"`` a cubic (the form of the file shipped for FastV). The standalone method is FastV plus debiasing;
 ``host=`` wraps any attention-scored method (``fastv``, ``cls_attention``, ``transition``, ...).
 
@@ -16,6 +18,8 @@ Differences from the reference:
     per-method, per-benchmark weight files with no fitting script (possibly fitted on the test split).
   * x is the token's rank in its span over the span's length, so a curve transfers across image sizes
     (the reference's curves are 576 values, LLaVA-1.5 only).
+  * Sink suppression (``sink=``) is not in the reference code (it suppresses padding only); it is off by
+    default, so the default reproduces the reference.
   * Padding is detected from the pixels (the mean-colour fill of ``expand2square``) rather than from the
     original size; the reference's FastV also shrinks the budget to the valid patches, vtprune keeps
     exactly the budget (padding patches last).
@@ -48,6 +52,17 @@ def trend_weights(trend: str, coef: tuple[float, ...] | None, n: int, device: to
     return (f[0] / f).float()
 
 
+def sink_tokens(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """(S, N) bool: candidates whose representation norm exceeds ``factor`` x the span's median norm.
+
+    Attention sinks are norm outliers: the high-norm artefact tokens of ViTs (Darcet et al., "Vision
+    Transformers Need Registers", arXiv:2309.16588) and the massive-activation visual tokens of LLMs
+    ("See What You Are Told", arXiv:2503.03321). They draw attention whatever the content, so an
+    attention score over-ranks them."""
+    norm = x.float().norm(dim=-1)  # (S, N)
+    return norm > factor * norm.median(dim=-1, keepdim=True).values
+
+
 def fit_trend(x: torch.Tensor, y: torch.Tensor, trend: str, bins: int = 64) -> tuple[float, ...]:
     """Fit the mean normalised score y at relative positions x in [0, 1): exp -> (b,), poly3 -> (c0..c3)."""
     b = (x * bins).long().clamp(max=bins - 1)
@@ -78,6 +93,7 @@ class DebiasedAttention(ScoreMethod):
     trend: str = "exp"
     coef: tuple[float, ...] | None = None
     pad_threshold: float | None = 0.5
+    sink: float | None = None  # rank norm outliers (> sink x the span's median norm) last; None: off
     _host: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,12 +121,17 @@ class DebiasedAttention(ScoreMethod):
                 "debiased_attention needs a fitted trend: run vtprune.methods.debiased_attention.calibrate("
                 "model, batches) first, pass coef=..., or use trend='none' (padding suppression only)"
             )
+        if self.sink is not None and not self.sink > 1:
+            raise ValueError(f"debiased_attention: sink={self.sink!r} must be > 1 (a multiple of the median norm) "
+                             "or None")
         if self.coef is not None and len(self.coef) != (1 if self.trend == "exp" else 4):
             raise ValueError(f"debiased_attention: trend {self.trend!r} takes {1 if self.trend == 'exp' else 4} "
                              f"coefficient(s), got {self.coef!r}")
 
     def required_signals(self, has_cls: bool) -> frozenset[str]:
         extra = {"padding_fraction"} if self.pad_threshold is not None else set()
+        if self.sink is not None:
+            extra.add("vit_features" if self.stage == "vision" else "tokens")
         return self._host.required_signals(has_cls) | extra
 
     def resolve(self, num_layers: int) -> Method:
@@ -130,9 +151,14 @@ class DebiasedAttention(ScoreMethod):
     def select(self, sig: Signals, k: int) -> torch.Tensor:
         s = self.score(sig)
         order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # by debiased score
-        if self.pad_threshold is not None:  # then padding patches last (stable keeps the score order)
-            valid = (sig.padding_fraction <= self.pad_threshold).gather(1, order)
-            order = order.gather(1, torch.sort(valid.int(), dim=-1, descending=True, stable=True).indices)
+        valid = torch.ones_like(s, dtype=torch.bool)  # (S, N)
+        if self.pad_threshold is not None:
+            valid &= sig.padding_fraction <= self.pad_threshold
+        if self.sink is not None:
+            valid &= ~sink_tokens(sig.vit_features if self.stage == "vision" else sig.tokens, self.sink)
+        # suppressed tokens last; the stable sort keeps the debiased score order within each group
+        last = torch.sort(valid.gather(1, order).int(), dim=-1, descending=True, stable=True).indices
+        order = order.gather(1, last)
         return order[:, :k]
 
     def to_dict(self) -> dict[str, Any]:
