@@ -38,17 +38,40 @@ def test_selection_cost_bench_at_two_context_lengths(tmp_path):
     assert (tmp_path / "selection_tiny.csv").exists()
 
 
-def test_accuracy_bench_on_a_small_synthetic_model(tmp_path):
-    from vtprune.bench.accuracy import run
+@pytest.fixture(scope="module")
+def small_synthetic(tmp_path_factory):
+    """A saved (untrained) model of the synthetic-VQA architecture, small."""
     from vtprune.synthetic.model import ModelSpec, build_model
     from vtprune.synthetic.tokenizer import build_processor
 
+    path = tmp_path_factory.mktemp("synthetic") / "m"
     processor = build_processor()
     model = build_model(ModelSpec(vit_hidden=32, vit_layers=2, vit_heads=2, llm_hidden=64, llm_layers=3, llm_heads=4,
                                   llm_kv_heads=2, llm_intermediate=128), processor.tokenizer).eval()
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    rows = run(tmp_path / "m", n=6, methods=[("random", {}), ("kcenter", {}), ("fastv", {})], budgets=(64,),
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_demo_on_a_small_synthetic_model(small_synthetic, tmp_path):
+    from vtprune.bench.demo import run
+
+    rows = run(small_synthetic, n=4, budgets=(64,), methods=[("kcenter", {}), ("fastv", {})], reps=1,
+               batch_size=4, out_dir=tmp_path, plot=False, progress=False)
+    by = {r["method"]: r for r in rows}
+    assert by["none"]["kept"] == 576 and by["kcenter"]["kept"] == 64 and by["fastv"]["kept"] == 64
+    assert by["fastv"]["per_layer"] == pytest.approx((2 * 576 + 64) / 3)  # FastV K=2 of 3 layers
+    for r in rows:
+        assert r["prefill_ms"] > 0 and r["speedup"] > 0 and r["efficiency"] > 0
+        if by["none"]["accuracy"]:
+            assert r["retention"] == pytest.approx(r["accuracy"] / by["none"]["accuracy"])
+    assert (tmp_path / "demo.csv").exists()
+
+
+def test_accuracy_bench_on_a_small_synthetic_model(small_synthetic, tmp_path):
+    from vtprune.bench.accuracy import run
+
+    rows = run(small_synthetic, n=6, methods=[("random", {}), ("kcenter", {}), ("fastv", {})], budgets=(64,),
                random_seeds=2, batch_size=6, out_dir=tmp_path, plot=False, progress=False)
     by = {r["method"]: r for r in rows}
     assert by["kcenter"]["kept"] == 64 and by["random"]["kept"] == 64

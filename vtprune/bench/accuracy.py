@@ -37,6 +37,28 @@ def load(model_dir: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module, Any]:
     return model, processor
 
 
+def method_variants(model: torch.nn.Module, processor: Any, name: str, options: dict, random_seeds: int = 3,
+                    cache: dict[str, Any] | None = None) -> list[Any]:
+    """The method objects one accuracy cell averages over: ``random`` once per seed; ``debiased_attention``
+    with its trend fitted (once, cached in ``cache``) on TRAINING-split scenes, never on the held-out set."""
+    cache = {} if cache is None else cache
+    if name == "random":
+        return [vtprune.method("random", seed=s, **options) for s in range(random_seeds)]
+    if name == "debiased_attention":
+        if "debiased" not in cache:
+            from vtprune.methods.debiased_attention import calibrate
+            from vtprune.synthetic.scenes import iter_samples
+            from vtprune.synthetic.tokenizer import prompt
+
+            cal = list(iter_samples("train", 0, 64))
+            batches = [dict(processor(images=[s.image for s in cal[i:i + 16]],
+                                      text=[prompt(s.question) for s in cal[i:i + 16]], padding=True,
+                                      return_tensors="pt")) for i in range(0, len(cal), 16)]
+            cache["debiased"] = calibrate(model, batches, host="fastv", **options)
+        return [cache["debiased"]]
+    return [vtprune.method(name, **options)]
+
+
 def _label(name: str, options: dict) -> str:
     return name + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
 
@@ -45,7 +67,7 @@ def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 500, methods: list[tuple
         budgets: tuple[int, ...] = ACC_BUDGETS, random_seeds: int = 3, batch_size: int = 32,
         out_dir: str | Path = "out", plot: bool = True, progress: bool = True) -> list[dict]:
     from vtprune.synthetic.eval import evaluate
-    from vtprune.synthetic.scenes import heldout, iter_samples
+    from vtprune.synthetic.scenes import heldout
 
     model, processor = load(model_dir)
     samples = heldout(n)
@@ -60,22 +82,9 @@ def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 500, methods: list[tuple
         from tqdm import tqdm
 
         it = tqdm(configs, desc="accuracy")
-    debiased = None
+    cache: dict[str, Any] = {}
     for name, options, budget in it:
-        method_objs = [vtprune.method(name, **options)]
-        if name == "debiased_attention":
-            if debiased is None:  # fitted once, on TRAINING-split scenes, never on the held-out set
-                from vtprune.methods.debiased_attention import calibrate
-                from vtprune.synthetic.tokenizer import prompt
-
-                cal = list(iter_samples("train", 0, 64))
-                batches = [dict(processor(images=[s.image for s in cal[i:i + 16]],
-                                          text=[prompt(s.question) for s in cal[i:i + 16]], padding=True,
-                                          return_tensors="pt")) for i in range(0, len(cal), 16)]
-                debiased = calibrate(model, batches, host="fastv")
-            method_objs = [debiased]
-        if name == "random":
-            method_objs = [vtprune.method("random", seed=s) for s in range(random_seeds)]
+        method_objs = method_variants(model, processor, name, options, random_seeds, cache)
         accs, per_type, kept, per_layer = [], {}, [], []
         for m in method_objs:
             with vtprune.prune(model, m, keep=budget) as h:
