@@ -4,7 +4,9 @@
     python scripts/train_synthetic.py                 # reproduces the shipped model (resumes if interrupted)
     python scripts/train_synthetic.py --fresh         # ignore an existing checkpoint
 
-Loss = cross-entropy on the answer word (and the ``</s>`` after it) + an auxiliary dense loss on the visual tokens:
+Each row is the sample's (balanced) question and answer, then 0-3 follow-up turns about the same image
+("USER: q ASSISTANT: a </s>"): the 576 visual tokens dominate the cost, so extra answers are nearly free supervision.
+Loss = cross-entropy on every answer word (and the ``</s>`` after it) + an auxiliary dense loss on the visual tokens:
 a linear head on the projector output predicts, per patch, the colour, shape and 3 x 3 region of the object covering
 it (labels come free from the generator), and a linear head on the ViT [CLS] token of the feature layer predicts
 which (colour, shape) pairs are present. A plain LM loss stays on the answer-prior plateau for a long time
@@ -12,8 +14,8 @@ which (colour, shape) pairs are present. A plain LM loss stays on the answer-pri
 gives the [CLS] token of the feature layer a reason to attend to objects, as CLIP's does in real images, so
 [CLS]-attention pruning has a meaningful signal. Both heads are training-only and never shipped.
 
-Everything is seeded: sample ``i`` of step ``s`` is ``make_sample(s * batch + i)``, so a resumed run sees the same
-data as an uninterrupted one. Checkpoints are safetensors + JSON (no pickle): model, heads, AdamW state, step, RNG.
+Everything is seeded: row ``i`` of step ``s`` is ``make_sample(s * batch + i)`` (its follow-ups seeded by the
+sample), so a resumed run sees the same data as an uninterrupted one. Checkpoints are safetensors + JSON (no pickle): model, heads, AdamW state, step, RNG.
 """
 
 from __future__ import annotations
@@ -46,13 +48,32 @@ from vtprune.synthetic.tokenizer import build_processor, prompt  # noqa: E402
 IGNORE = -100
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from handing freed memory back to the kernel (no mmap for big blocks, no heap trimming).
+
+    Every step allocates and frees GBs of activations (~600-token sequences). By default each big block is a fresh
+    mmap whose pages the kernel must fault in and zero again; on the shared VM this was trained on that was over
+    half of a step, in system time (4-6 s/step; 1.8 s/step with this, system time 17 s -> 0.3 s over 5 steps).
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a run; the defaults reproduce the shipped model."""
 
     out: str = "models/synthetic-llava"
     ckpt_dir: str = "out/train_synthetic"
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 24
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.05
@@ -62,6 +83,7 @@ class TrainConfig:
     aux_weight: float = 1.0  # per-patch colour / shape / region head
     cls_weight: float = 0.5  # [CLS] "which objects are present" head
     min_coverage: float = 0.25  # patches an object covers less than this are left out of the patch loss
+    max_turns: int = 4  # each row asks 1..max_turns questions about its image (the first one balanced)
     eval_every: int = 250
     eval_samples: int = 1000
     eval_batch: int = 50
@@ -77,26 +99,46 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------------- batches
 
-def collate(samples: list[scenes.Sample], tokenizer) -> dict[str, torch.Tensor]:
-    """Left-padded ``prompt + answer + </s>`` rows, pixels and patch labels for one batch.
+def collate(samples: list[scenes.Sample], tokenizer, min_coverage: float = 0.25,
+            follow_ups: list[list[tuple[str, str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded rows ``prompt answer </s> [USER: q ASSISTANT: a </s>]...``, pixels and patch labels.
 
-    Equivalent to ``processor(images, text)`` (a test checks it) but skips the PIL resize/crop, which is the
-    identity at 336 px and costs more than the model's data needs.
+    The first turn equals ``processor(images, text)`` plus the answer (a test checks it); the PIL resize/crop is
+    skipped because it is the identity at 336 px. ``follow_ups[i]`` are extra turns for row ``i``.
     """
     n_img = scenes.GRID**2
-    texts = [prompt(s.question).replace("<image>", "<image>" * n_img) + f" {s.answer} {tokenizer.eos_token}"
-             for s in samples]
+    eos = tokenizer.eos_token
+    texts = []
+    for i, s in enumerate(samples):
+        text = prompt(s.question).replace("<image>", "<image>" * n_img) + f" {s.answer} {eos}"
+        for q, a, _ in (follow_ups[i] if follow_ups else ()):
+            text += f" USER: {q} ASSISTANT: {a} {eos}"
+        texts.append(text)
     enc = tokenizer(texts, padding=True, return_tensors="pt")
+    ids = enc.input_ids
+    # Supervised tokens: every answer (the token after "ASSISTANT:") and the </s> that closes it.
+    after_assistant = torch.zeros_like(ids, dtype=torch.bool)
+    after_assistant[:, 1:] = ids[:, :-1] == tokenizer.convert_tokens_to_ids("ASSISTANT:")
+    first = after_assistant & (after_assistant.cumsum(-1) == 1)
+    closing_eos = torch.zeros_like(after_assistant)
+    closing_eos[:, 1:] = after_assistant[:, :-1] & (ids[:, 1:] == tokenizer.eos_token_id)
     pixels = np.stack([np.asarray(s.image, np.float32) for s in samples]) / 127.5 - 1.0  # mean = std = 0.5
     labels = []
     for s in samples:
         obj = s.patch_object.copy()
-        obj[(s.patch_coverage > 0) & (s.patch_coverage < 0.25)] = IGNORE  # ambiguous edge patches
+        obj[(s.patch_coverage > 0) & (s.patch_coverage < min_coverage)] = IGNORE  # ambiguous edge patches
         labels.append(obj)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    last_image = ids.shape[1] - 1 - (ids == image_id).flip(-1).int().argmax(-1)
     return {
-        "input_ids": enc.input_ids,
+        "input_ids": ids,
         "attention_mask": enc.attention_mask,
         "pixel_values": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+        "answer_mask": after_assistant,
+        "first_answer_mask": first,
+        "eos_mask": closing_eos,
+        # Logits are only needed after the image: the LM head runs on the last n_logits positions.
+        "n_logits": torch.tensor(int(ids.shape[1] - last_image.min())),
         "patch_object": torch.from_numpy(np.stack(labels)).flatten(1),
         "patch_colour": torch.from_numpy(np.stack([s.patch_colour for s in samples])).flatten(1),
         "patch_shape": torch.from_numpy(np.stack([s.patch_shape for s in samples])).flatten(1),
@@ -149,7 +191,8 @@ class _Capture:
 
     def __init__(self, model: nn.Module) -> None:
         self.store: dict[str, torch.Tensor] = {}
-        layers = model.model.vision_tower.vision_model.encoder.layers
+        tower = model.model.vision_tower  # CLIPVisionModel in transformers 5.x; older versions wrap a vision_model
+        layers = (tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder).layers
         # hidden_states[-2] (vision_feature_layer) is the output of encoder layer -2.
         feature_layer = layers[model.config.vision_feature_layer]
         self.handles = [
@@ -170,21 +213,28 @@ class _Capture:
 def step_losses(model: nn.Module, heads: AuxHeads, capture: _Capture, batch: dict[str, torch.Tensor],
                 cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """All loss terms for one batch; ``total`` is the weighted sum that is optimised."""
-    mask = batch["attention_mask"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     # Same positions as generate() uses for a left-padded batch.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["pixel_values"],
-                position_ids=position_ids, logits_to_keep=3, use_cache=False)
-    # Rows end with "... ASSISTANT: <answer> </s>": logits[-3] predicts the answer, logits[-2] predicts </s>.
-    targets = batch["input_ids"][:, -2:]
-    lm = F.cross_entropy(out.logits[:, :2].flatten(0, 1), targets.flatten(), reduction="none").view(-1, 2)
-    losses = {"lm": lm[:, 0].mean(), "eos": lm[:, 1].mean()}
+    n = int(batch["n_logits"])
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                position_ids=position_ids, logits_to_keep=n, use_cache=False)
+    # logits[:, j] is position L - n + j and predicts token L - n + j + 1.
+    logits = out.logits[:, :-1]
+    targets = ids[:, -n + 1:]
+
+    def ce(sel: torch.Tensor) -> torch.Tensor:
+        sel = sel[:, -n + 1:]
+        return F.cross_entropy(logits[sel], targets[sel])
+
+    losses = {"lm": ce(batch["answer_mask"]), "eos": ce(batch["eos_mask"])}
     cover_ok = batch["patch_object"] != IGNORE
     aux = heads.losses(capture.store["visual"], capture.store["vit"][:, 0], batch, cover_ok)
     losses.update(aux)
     patch_terms = sum(aux[k] for k in ("colour", "shape", "region") if k in aux)
     losses["total"] = losses["lm"] + 0.2 * losses["eos"] + cfg.aux_weight * patch_terms + cfg.cls_weight * aux["cls"]
-    losses["answer_acc"] = (out.logits[:, 0].argmax(-1) == targets[:, 0]).float().mean()
+    first = batch["first_answer_mask"][:, -n + 1:]
+    losses["answer_acc"] = (logits[first].argmax(-1) == targets[first]).float().mean()
     return losses
 
 
@@ -235,9 +285,15 @@ def load_checkpoint(path: Path, model: nn.Module, heads: nn.Module, opt: torch.o
 
 # --------------------------------------------------------------------------------------------------- training
 
-def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship: bool = True) -> dict[str, Any]:
-    """Run (or resume) training; ship the model (without heads) to ``cfg.out``. Returns the final summary."""
+def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) training; ship the model (without heads) to ``cfg.out``. Returns the final summary.
+
+    ``stop_after`` ends the run early at that step (checkpointed, not shipped), e.g. to time-box a session; the
+    learning-rate schedule still follows ``cfg.steps``, so resuming later gives the uninterrupted run.
+    """
     torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     ckpt = Path(cfg.ckpt_dir)
     log_path = ckpt / "log.jsonl"
     processor = build_processor()
@@ -268,13 +324,16 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
     capture = _Capture(model)
     model.train()
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress)
     last_eval: dict[str, Any] = {}
     try:
         with log_path.open("a") as log:
             for step in bar:
                 samples = [scenes.make_sample(step * cfg.batch_size + i) for i in range(cfg.batch_size)]
-                batch = collate(samples, tok)
+                turns = np.random.default_rng((cfg.seed, step)).integers(0, cfg.max_turns, cfg.batch_size)
+                extra = [scenes.follow_up_questions(s, int(k), cfg.seed) for s, k in zip(samples, turns)]
+                batch = collate(samples, tok, cfg.min_coverage, extra)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
                 losses = step_losses(model, heads, capture, batch, cfg)
@@ -286,7 +345,7 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
                 done = step + 1
                 rec = {"step": done, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
                        "time_s": round(time.perf_counter() - t0, 1),
-                       **{k: round(float(v), 5) for k, v in losses.items()}}
+                       **{k: round(v.item(), 5) for k, v in losses.items()}}
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     model.eval()
                     res = evaluate(model, processor, heldout, batch_size=cfg.eval_batch)
@@ -298,14 +357,14 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['total']:.3f}", lm=f"{rec['lm']:.3f}", acc=f"{rec['answer_acc']:.2f}")
-                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                if done % cfg.ckpt_every == 0 or done == end:
                     save_checkpoint(ckpt, done, model, heads, opt, cfg,
                                     {"elapsed_s": time.perf_counter() - t0, **last_eval})
     finally:
         capture.remove()
 
-    summary = {"steps": cfg.steps, "train_time_s": round(time.perf_counter() - t0, 1), **last_eval}
-    if ship:
+    summary = {"steps": end, "train_time_s": round(time.perf_counter() - t0, 1), **last_eval}
+    if ship and end == cfg.steps:
         ship_model(model, processor, Path(cfg.out), {"config": asdict(cfg), **summary})
     return summary
 
@@ -330,18 +389,23 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name != "spec":
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                           default=getattr(defaults, f.name))
+        if f.name == "spec":
+            continue
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
     for f in fields(ModelSpec):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(defaults.spec, f.name))
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--no-ship", action="store_true", help="do not write the final model to --out")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) at this step; resume later")
     args = vars(p.parse_args(argv))
-    fresh, no_ship = args.pop("fresh"), args.pop("no_ship")
+    fresh, no_ship, stop_after = args.pop("fresh"), args.pop("no_ship"), args.pop("stop_after")
     spec = ModelSpec(**{f.name: args.pop(f.name) for f in fields(ModelSpec)})
     cfg = replace(TrainConfig(**args), spec=spec)
-    summary = train(cfg, fresh=fresh, ship=not no_ship)
+    summary = train(cfg, fresh=fresh, ship=not no_ship, stop_after=stop_after)
     print(json.dumps(summary, indent=1))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -90,6 +91,19 @@ def test_answers_follow_from_the_scene():
         assert _answer_from_objects(s) == s.answer, (s.question, s.answer, s.objects)
         assert len(s.objects) <= scenes.MAX_OBJECTS
         assert len({o.region for o in s.objects}) == len(s.objects)  # at most one object per region
+
+
+def test_follow_up_questions_are_distinct_and_correct():
+    differ = 0
+    for i in range(200):
+        s = scenes.make_sample(i)
+        extra = scenes.follow_up_questions(s, 3, seed=0)
+        assert len({q for q, _, _ in extra} | {s.question}) == 4  # no repeats, never the sample's own question
+        assert extra == scenes.follow_up_questions(s, 3, seed=0)
+        differ += extra != scenes.follow_up_questions(s, 3, seed=1)
+        for q, a, t in extra:
+            assert _answer_from_objects(dataclasses.replace(s, question=q, answer=a, qtype=t)) == a
+    assert differ > 150  # the seed matters (tiny scenes can coincide)
 
 
 def test_patch_labels_match_drawn_pixels():

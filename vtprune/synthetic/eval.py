@@ -62,3 +62,30 @@ def evaluate(model: torch.nn.Module, processor, samples: Sequence[Sample], batch
         per_type={k: sum(v) / len(v) for k, v in sorted(hits.items())},
         n=len(total), predictions=preds,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m vtprune.synthetic.eval [MODEL_DIR] [--n 1000]``: held-out accuracy of a saved model, offline."""
+    import argparse
+    import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vtprune.synthetic.scenes import heldout
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("model", nargs="?", default="models/synthetic-llava")
+    p.add_argument("--n", type=int, default=1000, help="held-out samples (the first n of the held-out split)")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+    res = evaluate(model, processor, heldout(args.n, args.offset), batch_size=args.batch_size, progress=True)
+    print(json.dumps(res.to_dict(), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -251,6 +251,56 @@ def make_sample(index: int, split: str = "train", qtype: str | None = None) -> S
     return Sample(image, question, answer, qtype, tuple(objs), patch_object, coverage, split, index)
 
 
+def follow_up_questions(sample: Sample, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` more distinct (question, answer, qtype) triples about ``sample``'s scene, answers read off its objects.
+
+    Training only: extra supervised answers per image cost a few text tokens next to 576 visual ones. Unlike the
+    sample's own question their answers are not balanced (e.g. most "is there" answers are "no"), so evaluation
+    never uses them. The sample's own question is never repeated (a repeat could be answered by copying).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence((2, sample.index, seed)))
+    objs = sample.objects
+    seen = {sample.question}
+    out: list[tuple[str, str, str]] = []
+    for _ in range(50 * n):  # every scene has far more than n distinct count / existence questions
+        if len(out) >= n:
+            break
+        qtype = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+        qa: tuple[str, str] | None = None
+        if qtype in ("colour", "shape") and objs:
+            obj = objs[rng.integers(len(objs))]
+            where = REGIONS[obj.region]
+            qa = ((f"what colour is the shape in the {where} ?", obj.colour) if qtype == "colour"
+                  else (f"what shape is in the {where} ?", obj.shape))
+        elif qtype == "position" and objs:
+            pairs = [(o.colour, o.shape) for o in objs]
+            unique = [o for o, p in zip(objs, pairs) if pairs.count(p) == 1]
+            if unique:
+                obj = unique[rng.integers(len(unique))]
+                qa = (f"where is the {obj.colour} {obj.shape} ?", REGIONS[obj.region])
+        elif qtype == "count":
+            kind = ("colour", "shape", "all")[rng.integers(3)]
+            colour, shape = _random_attrs(rng)
+            if kind == "all" and len(objs) <= MAX_COUNT:
+                qa = ("how many shapes are there ?", str(len(objs)))
+            elif kind == "colour":
+                qa = (f"how many {colour} shapes are there ?", str(sum(o.colour == colour for o in objs)))
+            elif kind == "shape":
+                qa = (f"how many {shape}s are there ?", str(sum(o.shape == shape for o in objs)))
+        elif qtype == "exists":
+            # Half the time ask about an object that is there, so "yes" is not rare.
+            if objs and rng.random() < 0.5:
+                colour, shape = (obj := objs[rng.integers(len(objs))]).colour, obj.shape
+            else:
+                colour, shape = _random_attrs(rng)
+            present = any((o.colour, o.shape) == (colour, shape) for o in objs)
+            qa = (f"is there a {colour} {shape} ?", "yes" if present else "no")
+        if qa is not None and qa[0] not in seen:
+            seen.add(qa[0])
+            out.append((*qa, qtype))
+    return out
+
+
 def iter_samples(split: str = "train", start: int = 0, stop: int | None = None) -> Iterator[Sample]:
     """Samples ``start, start + 1, ...`` of ``split`` (endless when ``stop`` is None)."""
     i = start

@@ -107,21 +107,6 @@ def _qwen_config(family: str, text_layers: int) -> tuple[Any, type]:
     return T.Qwen3VLConfig(vision_config=vision, text_config=text, **ids), T.Qwen3VLForConditionalGeneration
 
 
-def demo_llava(seed: int = 0, text_layers: int = 8, hidden: int = 512) -> torch.nn.Module:
-    """LLaVA-1.5 geometry (336 px / patch 14 = 576 visual tokens) with a small random LLM, so that the LLM
-    dominates prefill as it does at 7B scale. The vision tower is tiny on purpose (see DESIGN, speed)."""
-    torch.manual_seed(seed)
-    cfg = T.LlavaConfig(
-        vision_config=_clip_config(336, hidden=64, layers=2, heads=4),
-        text_config=_text_config(layers=text_layers, hidden=hidden, heads=8, kv_heads=4, inter=1376),
-        image_token_index=IMAGE, image_seq_length=576, vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    model = T.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    return model
-
-
 @dataclass
 class Row:
     """One prompt: ``before`` text tokens, one image, ``after`` text tokens (ids drawn from a seed)."""
