@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # Spin-waiting OpenMP threads are ~10x slower on shared cores.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,6 @@ demo: $(STAMP)
 
 test: $(STAMP) $(LMMS)
 	$(BIN)/python -m pytest -q
-
-test-slow: $(STAMP) $(LMMS)
-	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
