@@ -1,6 +1,9 @@
 """Fused ops for applying and scoring pruning, each with a pure-torch ``*_ref`` twin.
 
-Installed as ``vtprune.kernels`` (the repository keeps it at the top level, one op per file).
+Installed as ``vtprune.kernels`` (the repository keeps it at the top level). One op family per file: the
+launcher, the ``*_ref`` twin and the dispatch live in ``<op>.py``, the ``@triton.jit`` kernels in the sibling
+``<op>_triton.py``, so that DESIGN's "Triton only when first used" holds (a jit decorator needs Triton at
+import time).
 
 Every op takes ``backend="auto" | "torch" | "triton"``: "auto" runs Triton on CUDA tensors when Triton is
 installed and torch otherwise; ``$VTPRUNE_BACKEND`` overrides "auto". Importing this package imports no
