@@ -164,11 +164,12 @@ class Bench:
 
     def __init__(self, proxy: str, methods: list[tuple[str, dict]] | None = None, budgets: tuple[int, ...] = BUDGETS,
                  reps: int = 3, decode_steps: int = 4, generate_tokens: int = 8, progress: bool = True,
-                 images: int = 1, policy: str = "per_frame", selection_only: bool = False) -> None:
+                 images: int = 1, policy: str = "per_frame", selection_only: bool = False,
+                 warmup: bool = True) -> None:
         self.proxy: Proxy = PROXIES[proxy]
         self.model = build_proxy(proxy)
         self.inputs = proxy_inputs(self.model, self.proxy, images=images)
-        self.policy, self.selection_only = policy, selection_only
+        self.policy, self.selection_only, self.warmup = policy, selection_only, warmup
         self.adapter = _resolve_adapter(self.model)
         self.methods = methods if methods is not None else BENCH_METHODS
         self.budgets = budgets
@@ -267,7 +268,8 @@ class Bench:
                 method, schedule, kept = self._proxy_method(name, options, budget)
                 label = name + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
                 configs.append((Result(self.proxy.name, name, label, budget, kept, schedule), method))
-        rounds = range(self.reps + 1)  # round 0 warms up every configuration
+        warm = 1 if self.warmup else 0
+        rounds = range(self.reps + warm)  # round 0 warms up every configuration
         if self.progress:
             from tqdm import tqdm
 
@@ -282,7 +284,7 @@ class Bench:
                 # everything outside the decoder layers)
                 counts = [r.kept] + sorted({n for n in r.schedule if n not in (r.kept, self.n_visual)})
                 direct = [] if self.selection_only else [self._prefill(embeds=self._direct_embeds(n)) for n in counts]
-                if rep == 0:
+                if rep < warm:
                     continue
                 run.select_ms = h.stats.select_ms if h is not None else 0.0
                 r.raw.append(run)
@@ -425,8 +427,9 @@ def selection(proxy: str = "llava-1.5-7b", images: tuple[int, ...] = (1, 11), ke
     <= 10% for zeroth_order."""
     rows: list[dict] = []
     for n_img in images:
+        # a long context takes seconds per prefill: one-off start-up costs are noise there, skip the warm-up
         bench = Bench(proxy, methods=methods, budgets=(keep_per_image * n_img,), reps=reps, images=n_img,
-                      policy="global", selection_only=True)
+                      policy="global", selection_only=True, warmup=n_img == 1)
         results = bench.run()
         base = results[0]
         t_base = bench.scaled(base, base.raw, base)
