@@ -19,7 +19,7 @@ from vtprune.methods.entropy import matrix_entropy
 from vtprune.methods.kcenter import max_sum_diverse
 from vtprune.methods.mmr import mmr, normalise
 from vtprune.methods.visionzip import contextual_merge
-from vtprune.methods.zeroth_order import directions, sads, sensitivity
+from vtprune.methods.zeroth_order import directions, expected_sensitivity, mlp_parts, sads, sensitivity
 from vtprune.signals import Signals
 from vtprune.testing.tiny import IMAGE, build, make_inputs
 
@@ -126,6 +126,53 @@ def test_zeroth_order_finds_the_sensitive_tokens():
     assert bool(s[:5].max() < s[5:].min())  # planted insensitive tokens rank last
     central = sensitivity(x[None], proj, u, h=1e-3, estimator="central")[0]
     torch.testing.assert_close(central, s, rtol=1e-3, atol=1e-4)  # the exact derivative is the h -> 0 limit
+
+
+def test_zeroth_order_closed_form_is_the_frobenius_norm_of_the_projector_jacobian():
+    torch.manual_seed(0)
+    proj = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.GELU(), torch.nn.Linear(24, 10))
+    x = torch.randn(1, 7, 6)
+    got = expected_sensitivity(x, *mlp_parts(proj))[0]  # (7,)
+    for i in range(7):
+        J = torch.autograd.functional.jacobian(proj, x[0, i])  # (10, 6)
+        torch.testing.assert_close(got[i], (J.pow(2).sum() / 6).sqrt(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the cached H x H matrix follows in-place weight updates
+        proj[2].weight.mul_(2)
+    torch.testing.assert_close(expected_sensitivity(x, *mlp_parts(proj))[0], 2 * got)
+
+
+def test_zeroth_order_closed_form_ranks_like_the_sampled_reference():
+    """The default estimator on a LLaVA projector against the reference's 64 sampled directions (central
+    differences): same top tokens (what SADS consumes), on a 7B-shaped projector scaled down 4x."""
+    from transformers import LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config={"hidden_size": 256, "num_attention_heads": 4},
+                      text_config={"hidden_size": 1024, "num_attention_heads": 8})
+    proj = LlavaMultiModalProjector(cfg).eval()
+    assert mlp_parts(proj) is not None
+    x = torch.randn(1, 576, 256) * torch.rand(1, 576, 1) * 2  # tokens of different scales
+    with torch.no_grad():
+        exact = expected_sensitivity(x, *mlp_parts(proj))[0]
+        sampled = sensitivity(x, proj, directions(64, 256, seed=0), h=0.01, estimator="central")[0]
+    rank = lambda v: v.argsort().argsort().float()  # noqa: E731
+    spearman = torch.corrcoef(torch.stack([rank(exact), rank(sampled)]))[0, 1]
+    top_e, top_s = set(exact.topk(64).indices.tolist()), set(sampled.topk(64).indices.tolist())
+    assert spearman > 0.99 and len(top_e & top_s) >= 56, (float(spearman), len(top_e & top_s))  # seeds: 0.998, 57
+
+
+def test_zeroth_order_estimators_and_projectors():
+    ln_first = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 16), torch.nn.GELU(),
+                                   torch.nn.Linear(16, 16))
+    assert mlp_parts(ln_first) is None  # InternVL-like: not a plain MLP, sampled directions instead
+    sig = Signals.from_tensors(vit_features=torch.randn(1, 12, 8), tokens=torch.randn(1, 12, 16),
+                               projector=ln_first)
+    assert vtprune.method("zeroth_order").select(sig, 4).shape == (1, 4)  # auto -> jvp
+    with pytest.raises(ValueError, match="estimator='expected' needs"):
+        vtprune.method("zeroth_order", estimator="expected").select(sig, 4)
+    with pytest.raises(ValueError, match="allowed: 'auto', 'expected', 'jvp', 'central'"):
+        vtprune.method("zeroth_order", estimator="exact")
 
 
 def test_sads_first_pick_and_multiplicative_rule():
