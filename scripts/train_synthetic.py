@@ -84,6 +84,11 @@ class TrainConfig:
     cls_weight: float = 0.5  # [CLS] "which objects are present" head
     min_coverage: float = 0.25  # patches an object covers less than this are left out of the patch loss
     max_turns: int = 4  # each row asks 1..max_turns questions about its image (the first one balanced)
+    # Background-token curriculum: the LLM sees every object token but only `bg_start` random background tokens at
+    # step 0, growing geometrically to all of them at `curriculum_steps`; full 576-token images from then on.
+    curriculum_steps: int = 1000
+    bg_start: int = 32
+    pos_init_scale: float = 0.2  # 2-D sin-cos init of the ViT position embedding, relative amplitude
     eval_every: int = 250
     eval_samples: int = 1000
     eval_batch: int = 50
@@ -100,11 +105,15 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------- batches
 
 def collate(samples: list[scenes.Sample], tokenizer, min_coverage: float = 0.25,
-            follow_ups: list[list[tuple[str, str, str]]] | None = None) -> dict[str, torch.Tensor]:
+            follow_ups: list[list[tuple[str, str, str]]] | None = None, n_background: int | None = None,
+            rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
     """Left-padded rows ``prompt answer </s> [USER: q ASSISTANT: a </s>]...``, pixels and patch labels.
 
     The first turn equals ``processor(images, text)`` plus the answer (a test checks it); the PIL resize/crop is
     skipped because it is the identity at 336 px. ``follow_ups[i]`` are extra turns for row ``i``.
+    ``keep_image`` marks the visual tokens the LLM sees: all of them, or (curriculum) every patch an object touches
+    plus random background patches, ``n_background`` more than the batch's largest object-patch count, the same
+    total for every row.
     """
     n_img = scenes.GRID**2
     eos = tokenizer.eos_token
@@ -128,12 +137,22 @@ def collate(samples: list[scenes.Sample], tokenizer, min_coverage: float = 0.25,
         obj = s.patch_object.copy()
         obj[(s.patch_coverage > 0) & (s.patch_coverage < min_coverage)] = IGNORE  # ambiguous edge patches
         labels.append(obj)
+    keep = np.ones((len(samples), n_img), bool)
+    if n_background is not None:
+        rng = rng or np.random.default_rng(0)
+        objects = np.stack([s.patch_object.ravel() >= 0 for s in samples])
+        total = min(n_img, int(objects.sum(1).max()) + n_background)
+        for row, obj in enumerate(objects):
+            bg = np.flatnonzero(~obj)
+            keep[row] = obj
+            keep[row, rng.choice(bg, total - int(obj.sum()), replace=False)] = True
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     last_image = ids.shape[1] - 1 - (ids == image_id).flip(-1).int().argmax(-1)
     return {
         "input_ids": ids,
         "attention_mask": enc.attention_mask,
         "pixel_values": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+        "keep_image": torch.from_numpy(keep),
         "answer_mask": after_assistant,
         "first_answer_mask": first,
         "eos_mask": closing_eos,
@@ -214,11 +233,19 @@ def step_losses(model: nn.Module, heads: AuxHeads, capture: _Capture, batch: dic
                 cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """All loss terms for one batch; ``total`` is the weighted sum that is optimised."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    # Same positions as generate() uses for a left-padded batch.
+    # Same positions as generate() uses for a left-padded batch; dropped visual tokens leave gaps (as vtprune's
+    # default pruning does), so positions keep their meaning when the curriculum ends.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     n = int(batch["n_logits"])
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                position_ids=position_ids, logits_to_keep=n, use_cache=False)
+    feats = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    is_image = ids == model.config.image_token_id
+    keep = ~is_image
+    keep[is_image] = batch["keep_image"].flatten()  # image tokens are contiguous: row-major order matches
+    B, kept = ids.shape[0], int(keep[0].sum())
+    ids_k, mask_k, pos_k = (t[keep].view(B, kept) for t in (ids, mask, position_ids))
+    embeds = model.get_input_embeddings()(ids_k)
+    embeds = embeds.masked_scatter((ids_k == model.config.image_token_id)[..., None], feats[batch["keep_image"]])
+    out = model(inputs_embeds=embeds, attention_mask=mask_k, position_ids=pos_k, logits_to_keep=n, use_cache=False)
     # logits[:, j] is position L - n + j and predicts token L - n + j + 1.
     logits = out.logits[:, :-1]
     targets = ids[:, -n + 1:]
@@ -236,6 +263,38 @@ def step_losses(model: nn.Module, heads: AuxHeads, capture: _Capture, batch: dic
     first = batch["first_answer_mask"][:, -n + 1:]
     losses["answer_acc"] = (logits[first].argmax(-1) == targets[first]).float().mean()
     return losses
+
+
+def background_tokens(step: int, cfg: TrainConfig) -> int | None:
+    """Background visual tokens the LLM sees at ``step`` (None = all).
+
+    Why: at initialisation attention is uniform, so an answer position gets ~1/600 of its input from any one object
+    token and the gradient that would sharpen it is as small; escaping that plateau takes time proportional to the
+    sequence length (EVAL_INFRA's 36-token model escaped in ~300 steps; this 576-token one had not after 500).
+    Starting with few background tokens lets attention learn to find objects; the geometric ramp then adds
+    background at a constant rate in log(tokens), which is what the attention logits have to track.
+    """
+    if step >= cfg.curriculum_steps:
+        return None
+    full = scenes.GRID**2
+    return int(round(cfg.bg_start * (full / cfg.bg_start) ** (step / cfg.curriculum_steps)))
+
+
+def init_position_embedding(model: nn.Module, scale: float) -> None:
+    """2-D sin-cos init of the ViT's learned position embedding ([CLS] row zero), still trained afterwards.
+
+    CLIP's default init (std 0.02) is an order of magnitude below the patch embeddings, and the region questions
+    (and the region head) then wait hundreds of steps for position to surface in the features.
+    """
+    emb = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + GRID^2, D)
+    d = emb.shape[1] // 4
+    freqs = 1.0 / 10000 ** (torch.arange(d) / d)
+    rows, cols = torch.meshgrid(torch.arange(scenes.GRID), torch.arange(scenes.GRID), indexing="ij")
+    parts = [f(x.flatten()[:, None].float() * freqs) for x in (rows, cols) for f in (torch.sin, torch.cos)]
+    table = torch.cat(parts, dim=1)
+    with torch.no_grad():
+        emb.zero_()
+        emb[1:, : table.shape[1]] = scale * table
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -299,6 +358,7 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
     processor = build_processor()
     tok = processor.tokenizer
     model = build_model(cfg.spec, tok, seed=cfg.seed)
+    init_position_embedding(model, cfg.pos_init_scale)
     heads = AuxHeads(cfg.spec.llm_hidden, cfg.spec.vit_hidden)
     params = [*model.parameters(), *heads.parameters()]
     # No weight decay on norms and biases (1-D tensors): standard for transformers.
@@ -333,7 +393,8 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
                 samples = [scenes.make_sample(step * cfg.batch_size + i) for i in range(cfg.batch_size)]
                 turns = np.random.default_rng((cfg.seed, step)).integers(0, cfg.max_turns, cfg.batch_size)
                 extra = [scenes.follow_up_questions(s, int(k), cfg.seed) for s, k in zip(samples, turns)]
-                batch = collate(samples, tok, cfg.min_coverage, extra)
+                batch = collate(samples, tok, cfg.min_coverage, extra, background_tokens(step, cfg),
+                                np.random.default_rng((cfg.seed, step, 1)))
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
                 losses = step_losses(model, heads, capture, batch, cfg)
@@ -344,6 +405,7 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
 
                 done = step + 1
                 rec = {"step": done, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
+                       "visual_tokens": int(batch["keep_image"][0].sum()),
                        "time_s": round(time.perf_counter() - t0, 1),
                        **{k: round(v.item(), 5) for k, v in losses.items()}}
                 if done % cfg.eval_every == 0 or done == cfg.steps:
