@@ -5,6 +5,10 @@ Held-out samples never overlap the training split; ``debiased_attention`` is cal
 samples. ``random`` is averaged over several seeds (its spread is reported). Budgets are nominal keep=
 values; the table also reports the visual tokens actually kept after the last stage and their average
 over decoder layers (in-LLM methods keep every token in the layers before K, FastV-style).
+
+In-LLM methods run at their papers' layers (FastV, DART, debiasing: K = 2; TransPrune's schedule scaled to
+the depth). EntropyPrune runs with ``budget_mode="direct"`` (keep= tokens after its layer): its paper budget
+is an average over all layers, which on a 3-layer model cannot go below 2 x 576 / 3 tokens per layer.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import vtprune
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "synthetic-llava"
 ACC_METHODS: list[tuple[str, dict]] = [
     ("random", {}), ("pool", {}), ("cls_attention", {}), ("kcenter", {}), ("kcenter", {"variant": "todre"}),
-    ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}), ("fastv", {}), ("entropy", {}),
+    ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}), ("fastv", {}), ("entropy", {"budget_mode": "direct"}),
     ("dart", {}), ("transition", {}), ("debiased_attention", {}),
 ]
 ACC_BUDGETS = (192, 128, 64, 32, 16)
