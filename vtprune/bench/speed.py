@@ -45,7 +45,7 @@ BENCH_METHODS: list[tuple[str, dict]] = [
     ("random", {}), ("pool", {}), ("cls_attention", {}), ("kcenter", {}),
     ("kcenter", {"variant": "todre"}), ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}),
     ("fastv", {}), ("entropy", {}), ("dart", {}), ("transition", {}),
-    ("debiased_attention", {"coef": (0.0,)}),
+    ("debiased_attention", {"coef": (0.0,)}),  # a fixed flat trend: costs what a fitted one does, needs no calibration
 ]
 BUDGETS = (192, 128, 64)
 
@@ -494,11 +494,13 @@ def _plot(rows: list[dict], out: Path) -> None:
         return
     for proxy in dict.fromkeys(r["proxy"] for r in rows):
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-        for method in dict.fromkeys(r["method"] for r in rows if r["proxy"] == proxy and r["method"] != "none"):
+        methods = dict.fromkeys(r["method"] for r in rows if r["proxy"] == proxy and r["method"] != "none")
+        for j, method in enumerate(methods):
+            style = dict(marker="osD^v"[j // 10 % 5], linestyle=("-", "--", ":")[j // 10 % 3], label=method)
             pts = sorted((r["kept"], r["speedup_scaled"], r["kv_bytes_scaled"] / 2**20, r["peak_mb"]) for r in rows
                          if r["proxy"] == proxy and r["method"] == method)
             for i in range(3):
-                axes[i].plot([p[0] for p in pts], [p[i + 1] for p in pts], marker="o", label=method)
+                axes[i].plot([p[0] for p in pts], [p[i + 1] for p in pts], color=f"C{j % 10}", **style)
         base = next(r for r in rows if r["proxy"] == proxy and r["method"] == "none")
         axes[2].axhline(base["peak_mb"], color="grey", linestyle="--", label="unpruned")
         axes[0].set(xlabel="visual tokens kept (last stage)", ylabel="prefill speed-up (scaled to real depth)",
