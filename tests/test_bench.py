@@ -81,3 +81,19 @@ def test_accuracy_bench_on_a_small_synthetic_model(small_synthetic, tmp_path):
         if by["none"]["accuracy"]:
             assert r["retention"] == pytest.approx(r["accuracy"] / by["none"]["accuracy"])
     assert torch.isfinite(torch.tensor([r["accuracy"] for r in rows])).all()
+
+
+def test_accuracy_report_compares_each_method_with_random_at_its_stage(capsys):
+    from vtprune.bench.accuracy import _print
+
+    def row(method, acc, kept=64, per_layer=64.0):
+        return {"method": method, "budget": 64, "kept": kept, "mean_per_layer": per_layer, "accuracy": acc,
+                "retention": acc}
+
+    rows = [{**row("none", 1.0, 576, 576.0)}, row("random", 0.5), row("random(layer=2)", 0.8, per_layer=405.3),
+            row("kcenter", 0.6), row("pool", 0.4), row("fastv", 0.7, per_layer=405.3),
+            row("entropy", 0.9, per_layer=405.3)]
+    _print(rows, n=10, elapsed=1.0)
+    flagged = capsys.readouterr().out.splitlines()[-1]
+    # pool loses to input-stage random; fastv beats input random but loses to random at its own layer
+    assert flagged.endswith("pool@64 (< random), fastv@64 (< random(layer=2))"), flagged
