@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="accuracy retained, speed-up and efficiency of every method at 192 / 128 / 64 "
                                        "tokens on the embedded trained model")
     demo.add_argument("--model", default=None, help="model directory (default: the shipped models/synthetic-llava)")
-    demo.add_argument("--samples", type=int, default=200, help="held-out questions per configuration")
-    demo.add_argument("--reps", type=int, default=5, help="timed repetitions per configuration (median reported)")
+    demo.add_argument("--samples", type=int, default=100, help="held-out questions per configuration")
+    demo.add_argument("--reps", type=int, default=3, help="timed repetitions per configuration (median reported)")
     demo.add_argument("--out", default="out", help="directory for demo.csv and demo.png")
     demo.add_argument("--no-plot", action="store_true")
     cal = sub.add_parser("calibrate-entropy", help="measure the entropy-collapse layer of a model (EntropyPrune)")

@@ -30,8 +30,8 @@ DEMO_BUDGETS = (192, 128, 64)
 
 
 @torch.no_grad()
-def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 200, budgets: tuple[int, ...] = DEMO_BUDGETS,
-        methods: list[tuple[str, dict]] | None = None, reps: int = 5, batch_size: int = 50,
+def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 100, budgets: tuple[int, ...] = DEMO_BUDGETS,
+        methods: list[tuple[str, dict]] | None = None, reps: int = 3, batch_size: int = 50,
         out_dir: str | Path = "out", plot: bool = True, progress: bool = True) -> list[dict]:
     from vtprune.synthetic.eval import evaluate
     from vtprune.synthetic.scenes import heldout
