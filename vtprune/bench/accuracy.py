@@ -143,7 +143,7 @@ def _print(rows: list[dict], n: int, elapsed: float) -> None:
     for r in rows:
         if r["method"] == "none" or r["method"].startswith("random") or r["budget"] > 64:
             continue
-        ref = "random(layer=2)" if r["mean_per_layer"] > r["kept"] + 0.5 else "random"
+        ref = _label("random", {"layer": 2}) if r["mean_per_layer"] > r["kept"] + 0.5 else "random"
         if (ref, r["budget"]) in rnd and r["accuracy"] < rnd[ref, r["budget"]]:
             losers.append(f"{r['method']}@{r['budget']} (< {ref})")
     print("informed methods below random at <= 64 tokens: " + (", ".join(losers) or "none"))
