@@ -2,7 +2,7 @@
 
 This is the signal every attention-scored method reads (FastV's last-token row, text-to-visual attention,
 the ViT CLS row), recomputed from one layer's q and k so the model can keep sdpa / flash attention
-instead of being forced to eager with ``output_attentions=True``.
+instead of being forced to eager attention to return full attention maps.
 
 The Triton kernels (:mod:`vtprune.kernels.attention_rows_triton`) stream keys a block at a time in two
 passes: per (b, h, query row) the running max and normaliser (online softmax), then the probabilities,

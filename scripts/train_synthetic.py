@@ -4,18 +4,32 @@
     python scripts/train_synthetic.py                 # reproduces the shipped model (resumes if interrupted)
     python scripts/train_synthetic.py --fresh         # ignore an existing checkpoint
 
-Each row is the sample's (balanced) question and answer, then 0-3 follow-up turns about the same image
+Two stages. **Vision** (``vision_steps``): only the ViT and projector train, on dense auxiliary losses whose labels come
+free from the generator: a linear head on the projector output predicts, per patch, the colour, shape, (colour, shape)
+pair and 3 x 3 region of the object covering it, and a head on the ViT [CLS] token of the feature layer predicts which
+pairs are present (so [CLS]-attention pruning has a meaningful signal, as CLIP's [CLS] attends to objects). Shape is
+the slow one: a patch's shape is only visible in the outline of the whole ~3 x 3-patch object, so its head is
+up-weighted and trained on object patches only (a first model trained without this stage never got past chance on
+shape: object-patch shape accuracy 0.33, which capped it at 0.43 held-out).
+
+**LLM** (the rest): the ViT is frozen (the projector and patch heads keep training) and the whole model answers
+questions. Each row is the sample's (balanced) question and answer, then 0-7 follow-up turns about the same image
 ("USER: q ASSISTANT: a </s>"): the 576 visual tokens dominate the cost, so extra answers are nearly free supervision.
-Loss = cross-entropy on every answer word (and the ``</s>`` after it) + an auxiliary dense loss on the visual tokens:
-a linear head on the projector output predicts, per patch, the colour, shape and 3 x 3 region of the object covering
-it (labels come free from the generator), and a linear head on the ViT [CLS] token of the feature layer predicts
-which (colour, shape) pairs are present. A plain LM loss stays on the answer-prior plateau for a long time
-(EVAL_INFRA.md §5); the dense loss makes the visual tokens informative within a few hundred steps. The [CLS] head also
-gives the [CLS] token of the feature layer a reason to attend to objects, as CLIP's does in real images, so
-[CLS]-attention pruning has a meaningful signal. Both heads are training-only and never shipped.
+Loss = cross-entropy on every answer word (and the ``</s>`` after it) + the patch losses + retrieval supervision.
+A from-scratch LLM does not find the few object tokens among 576 on its own (EVAL_INFRA.md §5: the answer-prior
+plateau), so the circuit a question needs is supervised on the first ``attn_heads`` heads, as -log attention mass:
+
+* gather (``gather_layer``): the question's anchor word (``top-left`` in "what colour is the shape in the top-left ?",
+  ``circle`` in "is there a red circle ?") attends to the question's content words (``red``, ``circle``);
+* retrieve (``attn_layer``): the anchor attends to the patches of the objects the question is about;
+* route (``route_layer``): the answer-predicting "ASSISTANT:" attends to the anchor.
+
+What the retrieved tokens mean for the answer, counting included, is left to the LM loss. The heads and the
+supervision are training-only: the shipped model is a stock ``LlavaForConditionalGeneration``.
 
 Everything is seeded: row ``i`` of step ``s`` is ``make_sample(s * batch + i)`` (its follow-ups seeded by the
-sample), so a resumed run sees the same data as an uninterrupted one. Checkpoints are safetensors + JSON (no pickle): model, heads, AdamW state, step, RNG.
+sample), so a resumed run sees the same data as an uninterrupted one. Checkpoints are safetensors + JSON (no pickle):
+model, heads, AdamW state, step, RNG.
 """
 
 from __future__ import annotations
@@ -76,17 +90,31 @@ class TrainConfig:
     steps: int = 3000
     batch_size: int = 24
     lr: float = 1.5e-3
+    vision_lr: float = 3e-3  # peak learning rate of the vision stage
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    aux_weight: float = 1.0  # per-patch colour / shape / region head
+    aux_weight: float = 1.0  # per-patch colour / shape / pair / region heads
+    shape_weight: float = 3.0  # extra weight of the shape head: shape needs context, colour a single patch
     cls_weight: float = 0.5  # [CLS] "which objects are present" head
+    # Stage 1: the first `vision_steps` steps train only the ViT + projector (+ aux heads); the LLM stage follows,
+    # with the ViT frozen when `freeze_vision` (the projector and the patch heads keep training).
+    vision_steps: int = 1000
+    freeze_vision: bool = True
+    # Retrieval supervision (0 = off). At decoder layer `attn_layer` the first `attn_heads` heads of each question's
+    # anchor word (the word naming what is asked about) must put their mass on that object's patches; at layer
+    # `route_layer` the same heads of the answer-predicting "ASSISTANT:" must attend to the anchor.
+    attn_weight: float = 1.0
+    gather_layer: int = 0  # where the anchor word gathers the question's content words ("red" of "red circle")
+    attn_layer: int = 1
+    route_layer: int = 2
+    attn_heads: int = 3
     min_coverage: float = 0.25  # patches an object covers less than this are left out of the patch loss
-    max_turns: int = 4  # each row asks 1..max_turns questions about its image (the first one balanced)
+    max_turns: int = 8  # each row asks 1..max_turns questions about its image (the first one balanced)
     # Background-token curriculum: the LLM sees every object token but only `bg_start` random background tokens at
     # step 0, growing geometrically to all of them at `curriculum_steps`; full 576-token images from then on.
-    curriculum_steps: int = 1000
+    curriculum_steps: int = 300
     bg_start: int = 32
     pos_init_scale: float = 0.2  # 2-D sin-cos init of the ViT position embedding, relative amplitude
     eval_every: int = 250
@@ -146,6 +174,24 @@ def collate(samples: list[scenes.Sample], tokenizer, min_coverage: float = 0.25,
             bg = np.flatnonzero(~obj)
             keep[row] = obj
             keep[row, rng.choice(bg, total - int(obj.sum()), replace=False)] = True
+    # Retrieval targets: turn t of row i asks about the objects whose patches are relevant[i, t] (none for an absent
+    # object or a count of 0); anchor_mask marks each turn's anchor word, query_mask its "ASSISTANT:".
+    n_turns = 1 + max((len(f) for f in follow_ups), default=0) if follow_ups else 1
+    relevant = np.zeros((len(samples), n_turns, n_img), bool)
+    anchors = np.zeros(ids.shape, bool)
+    content = np.zeros(ids.shape, np.int64)  # turn + 1 at the words a turn's anchor gathers, else 0
+    query = (ids == tokenizer.convert_tokens_to_ids("ASSISTANT:")).numpy()
+    for i, s in enumerate(samples):
+        questions = [s.question, *(q for q, _, _ in (follow_ups[i] if follow_ups else ()))]
+        for t, (q, p) in enumerate(zip(questions, np.flatnonzero(query[i]))):
+            anchors[i, p - anchor_distance(q)] = True
+            words = q.split()
+            for j, w in enumerate(words):
+                if w in _CONTENT_WORDS or j == len(words) - anchor_distance(q):
+                    content[i, p - len(words) + j] = t + 1
+            objs = scenes.relevant_objects(q, s.objects)
+            if objs:
+                relevant[i, t] = np.isin(s.patch_object.ravel(), objs)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     last_image = ids.shape[1] - 1 - (ids == image_id).flip(-1).int().argmax(-1)
     return {
@@ -162,7 +208,24 @@ def collate(samples: list[scenes.Sample], tokenizer, min_coverage: float = 0.25,
         "patch_colour": torch.from_numpy(np.stack([s.patch_colour for s in samples])).flatten(1),
         "patch_shape": torch.from_numpy(np.stack([s.patch_shape for s in samples])).flatten(1),
         "present": torch.tensor(np.stack([_present(s) for s in samples]), dtype=torch.float32),
+        "relevant": torch.from_numpy(relevant),
+        "anchor_mask": torch.from_numpy(anchors),
+        "content_turn": torch.from_numpy(content),
+        "query_mask": torch.from_numpy(query),
     }
+
+
+_NOT_ANCHORS = frozenset({"are", "there", "?"})
+# Words that name what a question is about (not "shape" of "what colour is the shape in ...", which names nothing).
+_CONTENT_WORDS = frozenset({*scenes.COLOUR_NAMES, *scenes.SHAPES, *(s + "s" for s in scenes.SHAPES), *scenes.REGIONS})
+
+
+def anchor_distance(question: str) -> int:
+    """How many tokens before "ASSISTANT:" the question's anchor word sits: its last word naming what is asked
+    about (the region, the shape of "red circle", "shapes" of "how many red shapes are there ?")."""
+    words = question.split()
+    j = max(i for i, w in enumerate(words) if w not in _NOT_ANCHORS)
+    return len(words) - j
 
 
 def _present(s: scenes.Sample) -> np.ndarray:
@@ -179,25 +242,34 @@ _REGION_OF_PATCH = torch.tensor([scenes.region_of_patch(r, c) for r in range(sce
 # --------------------------------------------------------------------------------------------------- model + heads
 
 class AuxHeads(nn.Module):
-    """Training-only probes: per-visual-token colour / shape / region, and [CLS] presence of each (colour, shape)."""
+    """Training-only probes: per visual token the colour, shape, (colour, shape) pair and 3 x 3 region of the object
+    covering it; per image, from the [CLS] token, which (colour, shape) pairs are present.
+
+    The pair class (one per combination, not a sum of a colour and a shape) gives every object a direction of its
+    own, so "the red circle" can be matched by attention without half-matching red squares and blue circles.
+    """
 
     def __init__(self, llm_hidden: int, vit_hidden: int) -> None:
         super().__init__()
-        self.n_colour, self.n_shape = len(scenes.COLOUR_NAMES) + 1, len(scenes.SHAPES) + 1  # + background
-        self.patch = nn.Linear(llm_hidden, self.n_colour + self.n_shape + 9)
+        self.n_colour, self.n_shape = len(scenes.COLOUR_NAMES) + 1, len(scenes.SHAPES)  # colour: + background
+        self.n_pair = len(scenes.COLOUR_NAMES) * len(scenes.SHAPES) + 1
+        self.patch = nn.Linear(llm_hidden, self.n_colour + self.n_shape + self.n_pair + 9)
         self.cls = nn.Linear(vit_hidden, len(scenes.COLOUR_NAMES) * len(scenes.SHAPES))
 
     def losses(self, visual: torch.Tensor, cls: torch.Tensor, batch: dict[str, torch.Tensor],
                min_coverage_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.patch(visual)  # (B, 576, C)
-        lc, ls, lr = logits.split([self.n_colour, self.n_shape, 9], dim=-1)
+        lc, ls, lp, lr = logits.split([self.n_colour, self.n_shape, self.n_pair, 9], dim=-1)
         colour = batch["patch_colour"].masked_fill(~min_coverage_mask, IGNORE)
         shape = batch["patch_shape"].masked_fill(~min_coverage_mask, IGNORE)
+        object_shape = torch.where(shape > 0, shape - 1, IGNORE)  # shape only on object patches (colour finds them)
+        pair = torch.where(colour > 0, (colour - 1) * len(scenes.SHAPES) + shape, colour)  # 0 = bg, IGNORE kept
         # Region only on object patches: background tokens carry no "where" the question could ask about.
         region = _REGION_OF_PATCH.expand_as(colour).masked_fill(colour <= 0, IGNORE)
         out = {
             "colour": F.cross_entropy(lc.flatten(0, 1), colour.flatten(), ignore_index=IGNORE),
-            "shape": F.cross_entropy(ls.flatten(0, 1), shape.flatten(), ignore_index=IGNORE),
+            "shape": F.cross_entropy(ls.flatten(0, 1), object_shape.flatten(), ignore_index=IGNORE),
+            "pair": F.cross_entropy(lp.flatten(0, 1), pair.flatten(), ignore_index=IGNORE),
             "cls": F.binary_cross_entropy_with_logits(self.cls(cls), batch["present"]),
         }
         if (region >= 0).any():
@@ -208,7 +280,7 @@ class AuxHeads(nn.Module):
 class _Capture:
     """Forward hooks that keep the projector output (the LLM's visual tokens) and the ViT feature layer's output."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, decoder_layers: tuple[int, ...] = ()) -> None:
         self.store: dict[str, torch.Tensor] = {}
         tower = model.model.vision_tower  # CLIPVisionModel in transformers 5.x; older versions wrap a vision_model
         layers = (tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder).layers
@@ -218,6 +290,9 @@ class _Capture:
             model.model.multi_modal_projector.register_forward_hook(self._keep("visual")),
             feature_layer.register_forward_hook(self._keep("vit")),
         ]
+        for i in decoder_layers:  # the normed input of that decoder layer's attention, to recompute its q / k
+            norm = model.model.language_model.layers[i].input_layernorm
+            self.handles.append(norm.register_forward_hook(self._keep(f"attn_in{i}")))
 
     def _keep(self, key: str):
         def hook(_module, _inputs, output):
@@ -230,14 +305,25 @@ class _Capture:
 
 
 def step_losses(model: nn.Module, heads: AuxHeads, capture: _Capture, batch: dict[str, torch.Tensor],
-                cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """All loss terms for one batch; ``total`` is the weighted sum that is optimised."""
+                cfg: TrainConfig, *, vision_only: bool = False) -> dict[str, torch.Tensor]:
+    """All loss terms for one batch; ``total`` is the weighted sum that is optimised.
+
+    ``vision_only`` (stage 1) runs the ViT and projector but not the LLM: only the patch and [CLS] heads' losses.
+    """
+    feats = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    cover_ok = batch["patch_object"] != IGNORE
+    aux = heads.losses(capture.store["visual"], capture.store["vit"][:, 0], batch, cover_ok)
+    patch_terms = aux["colour"] + cfg.shape_weight * aux["shape"] + aux["pair"] + aux.get("region", 0.0)
+    vision_trains = vision_only or not cfg.freeze_vision
+    aux_total = cfg.aux_weight * patch_terms + (cfg.cls_weight * aux["cls"] if vision_trains else 0.0)
+    if vision_only:
+        return {**aux, "total": aux_total}
+
     ids, mask = batch["input_ids"], batch["attention_mask"]
     # Same positions as generate() uses for a left-padded batch; dropped visual tokens leave gaps (as vtprune's
     # default pruning does), so positions keep their meaning when the curriculum ends.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     n = int(batch["n_logits"])
-    feats = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
     is_image = ids == model.config.image_token_id
     keep = ~is_image
     keep[is_image] = batch["keep_image"].flatten()  # image tokens are contiguous: row-major order matches
@@ -254,15 +340,89 @@ def step_losses(model: nn.Module, heads: AuxHeads, capture: _Capture, batch: dic
         sel = sel[:, -n + 1:]
         return F.cross_entropy(logits[sel], targets[sel])
 
-    losses = {"lm": ce(batch["answer_mask"]), "eos": ce(batch["eos_mask"])}
-    cover_ok = batch["patch_object"] != IGNORE
-    aux = heads.losses(capture.store["visual"], capture.store["vit"][:, 0], batch, cover_ok)
-    losses.update(aux)
-    patch_terms = sum(aux[k] for k in ("colour", "shape", "region") if k in aux)
-    losses["total"] = losses["lm"] + 0.2 * losses["eos"] + cfg.aux_weight * patch_terms + cfg.cls_weight * aux["cls"]
+    losses = {"lm": ce(batch["answer_mask"]), "eos": ce(batch["eos_mask"]), **aux}
+    losses["total"] = losses["lm"] + 0.2 * losses["eos"] + aux_total
+    if cfg.attn_weight > 0:
+        retrieval = retrieval_losses(model, capture, batch, keep, ids_k, mask_k, pos_k, cfg)
+        losses.update(retrieval)
+        losses["total"] = losses["total"] + cfg.attn_weight * (retrieval["gather"] + retrieval["retrieve"]
+                                                               + retrieval["route"])
     first = batch["first_answer_mask"][:, -n + 1:]
     losses["answer_acc"] = (logits[first].argmax(-1) == targets[first]).float().mean()
     return losses
+
+
+def attention_log_mass(model: nn.Module, layer: int, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                       rows: torch.Tensor, queries: torch.Tensor, target: torch.Tensor, n_heads: int,
+                       spread: bool = False) -> torch.Tensor:
+    """log(attention mass on ``target``) of heads ``[0, n_heads)`` of decoder ``layer`` at query positions
+    ``(rows, queries)``, recomputed from the layer's normed input ``hidden`` (B, L, D) with its own q / k projections
+    and RoPE over the causal, unpadded keys. ``target`` is (N, L) bool; returns (N, n_heads).
+
+    ``spread``: the mean over target positions of log(attention on that position) instead, which only a spread over
+    all of them maximises (the log of the mass is also maximised by one target position taking it all)."""
+    lm = model.model.language_model
+    attn = lm.layers[layer].self_attn
+    tc = model.config.text_config
+    heads, kv = tc.num_attention_heads, tc.num_key_value_heads
+    hd = tc.hidden_size // heads
+    B, L, _ = hidden.shape
+    cos, sin = lm.rotary_emb(hidden, position_ids=pos)  # (B, L, hd)
+
+    def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # x (..., h, hd), c / s (..., hd)
+        c, s = c.unsqueeze(-2), s.unsqueeze(-2)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    q = attn.q_proj(hidden[rows, queries]).view(-1, heads, hd)[:, :n_heads]  # (N, h, hd)
+    q = rope(q, cos[rows, queries], sin[rows, queries])
+    k = rope(attn.k_proj(hidden).view(B, L, kv, hd), cos, sin)[:, :, torch.arange(n_heads) // (heads // kv)]
+    scores = torch.einsum("nhd,nlhd->nhl", q, k[rows]) * hd**-0.5  # (N, h, L)
+    visible = (torch.arange(L)[None] <= queries[:, None]) & mask[rows].bool()  # (N, L)
+    neg = torch.finfo(scores.dtype).min
+    lse_all = scores.masked_fill(~visible[:, None], neg).logsumexp(-1)
+    if spread:
+        on = (target & visible)[:, None].float()
+        return (scores * on).sum(-1) / on.sum(-1).clamp(min=1) - lse_all
+    return scores.masked_fill(~(target & visible)[:, None], neg).logsumexp(-1) - lse_all
+
+
+def retrieval_losses(model: nn.Module, capture: _Capture, batch: dict[str, torch.Tensor], keep: torch.Tensor,
+                     ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cfg: TrainConfig
+                     ) -> dict[str, torch.Tensor]:
+    """-log attention mass of the retrieval circuit (see ``TrainConfig.attn_weight``), and the masses for the log.
+
+    retrieve: each anchor word -> the patches of the objects its question is about (turns about no present object
+    are skipped); route: each "ASSISTANT:" -> its anchor word. ``keep`` maps the full rows to the (curriculum-thinned)
+    sequence ``ids``.
+    """
+    B, L = ids.shape
+    anchor = batch["anchor_mask"][keep].view(B, L)
+    query = batch["query_mask"][keep].view(B, L)
+    rows, q_pos = query.nonzero(as_tuple=True)  # row-major: turn order within a row
+    a_rows, a_pos = anchor.nonzero(as_tuple=True)
+    assert torch.equal(rows, a_rows), "every turn has one anchor"
+    turn = (query.cumsum(1) - 1)[rows, q_pos]
+    n_heads = max(1, min(cfg.attn_heads, model.config.text_config.num_attention_heads))
+
+    route_target = torch.zeros(len(rows), L, dtype=torch.bool)
+    route_target[torch.arange(len(rows)), a_pos] = True
+    route = attention_log_mass(model, cfg.route_layer, capture.store[f"attn_in{cfg.route_layer}"], pos, mask,
+                               rows, q_pos, route_target, n_heads)
+
+    words = batch["content_turn"][keep].view(B, L)[rows] == (turn + 1)[:, None]  # (N, L)
+    gather = attention_log_mass(model, cfg.gather_layer, capture.store[f"attn_in{cfg.gather_layer}"], pos, mask,
+                                rows, a_pos, words, n_heads, spread=True)
+
+    is_image = ids == model.config.image_token_id
+    patches = torch.zeros(len(rows), L, dtype=torch.bool)
+    patches[is_image[rows]] = batch["relevant"][rows, turn][batch["keep_image"][rows]]
+    sup = patches.any(1)
+    retrieve = attention_log_mass(model, cfg.attn_layer, capture.store[f"attn_in{cfg.attn_layer}"], pos, mask,
+                                  rows[sup], a_pos[sup], patches[sup], n_heads)
+    return {"gather": -gather.mean(), "retrieve": -retrieve.mean(), "route": -route.mean(),
+            **{f"{k}_mass": v.detach().exp().mean() for k, v in
+               (("gather", gather), ("retrieve", retrieve), ("route", route))}}
 
 
 def background_tokens(step: int, cfg: TrainConfig) -> int | None:
@@ -298,11 +458,15 @@ def init_position_embedding(model: nn.Module, scale: float) -> None:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``; the vision stage and the LLM stage each get one."""
+    vision = step < cfg.vision_steps
+    start, length, peak = ((0, cfg.vision_steps, cfg.vision_lr) if vision
+                           else (cfg.vision_steps, cfg.steps - cfg.vision_steps, cfg.lr))
+    step -= start
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        return peak * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, length - cfg.warmup))
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -351,6 +515,10 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
     ``stop_after`` ends the run early at that step (checkpointed, not shipped), e.g. to time-box a session; the
     learning-rate schedule still follows ``cfg.steps``, so resuming later gives the uninterrupted run.
     """
+    bad = {k: getattr(cfg, k) for k in ("gather_layer", "attn_layer", "route_layer")
+           if not 0 <= getattr(cfg, k) < cfg.spec.llm_layers}
+    if cfg.attn_weight > 0 and bad:
+        raise ValueError(f"retrieval supervision layers {bad} must lie in [0, llm_layers={cfg.spec.llm_layers})")
     torch.set_num_threads(cfg.threads)
     keep_freed_memory()
     ckpt = Path(cfg.ckpt_dir)
@@ -381,7 +549,7 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
         torch.manual_seed(cfg.seed)
 
     heldout = scenes.heldout(cfg.eval_samples)
-    capture = _Capture(model)
+    capture = _Capture(model, (cfg.gather_layer, cfg.attn_layer, cfg.route_layer) if cfg.attn_weight > 0 else ())
     model.train()
     t0 = time.perf_counter() - elapsed
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -390,14 +558,17 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
     try:
         with log_path.open("a") as log:
             for step in bar:
+                vision_only = step < cfg.vision_steps
+                if not vision_only and cfg.freeze_vision:
+                    model.model.vision_tower.requires_grad_(False)
                 samples = [scenes.make_sample(step * cfg.batch_size + i) for i in range(cfg.batch_size)]
                 turns = np.random.default_rng((cfg.seed, step)).integers(0, cfg.max_turns, cfg.batch_size)
                 extra = [scenes.follow_up_questions(s, int(k), cfg.seed) for s, k in zip(samples, turns)]
-                batch = collate(samples, tok, cfg.min_coverage, extra, background_tokens(step, cfg),
+                batch = collate(samples, tok, cfg.min_coverage, extra, background_tokens(step - cfg.vision_steps, cfg),
                                 np.random.default_rng((cfg.seed, step, 1)))
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
-                losses = step_losses(model, heads, capture, batch, cfg)
+                losses = step_losses(model, heads, capture, batch, cfg, vision_only=vision_only)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -405,10 +576,10 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
 
                 done = step + 1
                 rec = {"step": done, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
-                       "visual_tokens": int(batch["keep_image"][0].sum()),
+                       "visual_tokens": 0 if vision_only else int(batch["keep_image"][0].sum()),
                        "time_s": round(time.perf_counter() - t0, 1),
                        **{k: round(v.item(), 5) for k, v in losses.items()}}
-                if done % cfg.eval_every == 0 or done == cfg.steps:
+                if (done % cfg.eval_every == 0 or done == cfg.steps) and not vision_only:
                     model.eval()
                     res = evaluate(model, processor, heldout, batch_size=cfg.eval_batch)
                     model.train()
@@ -418,7 +589,8 @@ def train(cfg: TrainConfig, *, fresh: bool = False, progress: bool = True, ship:
                                + " ".join(f"{k}={v:.3f}" for k, v in res.per_type.items()))
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{rec['total']:.3f}", lm=f"{rec['lm']:.3f}", acc=f"{rec['answer_acc']:.2f}")
+                bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("total", "lm", "answer_acc", "retrieve_mass")
+                                if k in rec})
                 if done % cfg.ckpt_every == 0 or done == end:
                     save_checkpoint(ckpt, done, model, heads, opt, cfg,
                                     {"elapsed_s": time.perf_counter() - t0, **last_eval})

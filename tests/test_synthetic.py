@@ -106,6 +106,24 @@ def test_follow_up_questions_are_distinct_and_correct():
     assert differ > 150  # the seed matters (tiny scenes can coincide)
 
 
+def test_relevant_objects_are_the_ones_the_answer_depends_on():
+    for i in range(200):
+        s = scenes.make_sample(i)
+        for q, a, t in [(s.question, s.answer, s.qtype), *scenes.follow_up_questions(s, 6, seed=0)]:
+            rel = scenes.relevant_objects(q, s.objects)
+            assert rel == sorted(set(rel))
+            if t == "count":
+                assert len(rel) == int(a)
+            elif t == "exists":
+                assert bool(rel) == (a == "yes")
+            elif t == "position":
+                assert [scenes.REGIONS[s.objects[j].region] for j in rel] == [a]
+            else:
+                assert [getattr(s.objects[j], t) for j in rel] == [a]
+    with pytest.raises(ValueError, match="unknown question"):
+        scenes.relevant_objects("why ?", ())
+
+
 def test_patch_labels_match_drawn_pixels():
     for s in [scenes.make_sample(i) for i in range(40)]:
         px = np.asarray(s.image, np.int16)
@@ -193,7 +211,7 @@ CHANCE = {"colour": 1 / len(scenes.COLOUR_NAMES), "shape": 1 / len(scenes.SHAPES
 
 
 def test_shipped_model_answers_heldout_questions(shipped):
-    """Processor + generate() reproduce the held-out accuracy the training run recorded, well above chance.
+    """Processor + generate() reproduce the held-out accuracy the training run recorded (>= 95%, the issue's bar).
 
     training.json's figure comes from the training loop's own forward on ``heldout(1000)``; this re-measures it on
     the first 200 of those samples through the public path (processor, chat template, left padding, generate).
@@ -201,9 +219,12 @@ def test_shipped_model_answers_heldout_questions(shipped):
     model, proc = shipped
     recorded = json.loads((SHIPPED / "training.json").read_text())
     res = evaluate(model, proc, scenes.heldout(200), batch_size=50)
-    chance = sum(CHANCE.values()) / len(CHANCE)  # types cycle with the sample index
-    assert res.accuracy >= chance + 0.1, (res.accuracy, chance)
-    assert abs(res.accuracy - recorded["heldout_acc"]) <= 0.07, (res.to_dict(), recorded["heldout_acc"])
+    assert recorded["heldout_acc"] >= 0.95, recorded
+    assert res.accuracy >= 0.9, res.to_dict()
+    # Every question type well above its chance level (count, the hardest, is ~0.8 against 0.2).
+    for qtype, acc in res.per_type.items():
+        assert acc >= CHANCE[qtype] + 0.4, (qtype, acc, CHANCE[qtype])
+    assert abs(res.accuracy - recorded["heldout_acc"]) <= 0.04, (res.to_dict(), recorded["heldout_acc"])
 
 
 def test_generate_matches_forward_argmax(shipped):
@@ -225,8 +246,9 @@ def test_generate_matches_forward_argmax(shipped):
 def _tiny_config(train_module, tmp_path: Path, **kw):
     spec = train_module.ModelSpec(vit_hidden=16, vit_layers=2, vit_heads=2, llm_hidden=16, llm_layers=1,
                                   llm_heads=2, llm_kv_heads=1, llm_intermediate=32)
-    base = dict(out=str(tmp_path / "model"), ckpt_dir=str(tmp_path / "ckpt"), steps=2, batch_size=2, warmup=1,
-                eval_every=2, eval_samples=4, eval_batch=4, ckpt_every=1, threads=1, spec=spec)
+    base = dict(out=str(tmp_path / "model"), ckpt_dir=str(tmp_path / "ckpt"), steps=3, vision_steps=1, batch_size=2,
+                warmup=1, eval_every=2, eval_samples=4, eval_batch=4, ckpt_every=1, threads=1, spec=spec,
+                gather_layer=0, attn_layer=0, route_layer=0, curriculum_steps=1)
     return train_module.TrainConfig(**{**base, **kw})
 
 
@@ -237,8 +259,10 @@ def test_training_smoke_resume_and_ship(train_module, tmp_path):
     cfg = _tiny_config(train_module, tmp_path / "a")
     summary = train_module.train(cfg, progress=False)
     log = [json.loads(line) for line in (tmp_path / "a" / "ckpt" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["total"]) for r in log)
-    assert "heldout_acc" in log[-1] and summary["steps"] == 2
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["total"]) for r in log)
+    # Step 1 is the vision stage (no LLM loss), steps 2-3 the LLM stage with retrieval supervision.
+    assert "lm" not in log[0] and {"lm", "retrieve", "route", "gather"} <= log[1].keys()
+    assert "heldout_acc" in log[-1] and summary["steps"] == 3
     model = LlavaForConditionalGeneration.from_pretrained(cfg.out, local_files_only=True)
     assert not any(k.startswith("heads") for k in load_file(Path(cfg.out) / "model.safetensors"))
     AutoProcessor.from_pretrained(cfg.out, local_files_only=True)
@@ -253,3 +277,62 @@ def test_training_smoke_resume_and_ship(train_module, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
     with pytest.raises(ValueError, match="another config"):
         train_module.train(_tiny_config(train_module, tmp_path / "b", lr=1e-4), progress=False)
+    with pytest.raises(ValueError, match="route_layer"):
+        train_module.train(_tiny_config(train_module, tmp_path / "c", route_layer=1), progress=False)
+
+
+def _retrieval_batch(train_module, n: int = 4):
+    tok = build_processor().tokenizer
+    samples = [scenes.make_sample(i) for i in range(n)]
+    extra = [scenes.follow_up_questions(s, 3, 0) for s in samples]
+    return tok, samples, extra, train_module.collate(samples, tok, 0.25, extra, 100, np.random.default_rng(0))
+
+
+def test_retrieval_targets_mark_anchor_words_and_relevant_patches(train_module):
+    tok, samples, extra, batch = _retrieval_batch(train_module)
+    for i, s in enumerate(samples):
+        turns = [(s.question, s.qtype), *((q, t) for q, _, t in extra[i])]
+        anchors = tok.convert_ids_to_tokens(batch["input_ids"][i][batch["anchor_mask"][i]].tolist())
+        assert len(anchors) == len(turns) == int(batch["query_mask"][i].sum())
+        for t, ((q, qtype), word) in enumerate(zip(turns, anchors)):
+            words = q.split()
+            if qtype in ("colour", "shape"):
+                assert word == words[-2] and word in scenes.REGIONS
+            elif qtype in ("position", "exists"):
+                assert word == words[-2] and word in scenes.SHAPES
+            else:  # how many [colour] shapes / <shape>s are there ?
+                assert word == words[words.index("are") - 1]
+            gathered = tok.convert_ids_to_tokens(batch["input_ids"][i][batch["content_turn"][i] == t + 1].tolist())
+            assert word in gathered and "shape" not in gathered and "what" not in gathered
+            rel = scenes.relevant_objects(q, s.objects)
+            assert torch.equal(batch["relevant"][i, t].view(scenes.GRID, scenes.GRID),
+                               torch.from_numpy(np.isin(s.patch_object, rel) & (len(rel) > 0)))
+
+
+def test_attention_log_mass_matches_the_models_own_attention(train_module):
+    """The recomputed attention mass equals the eager attention probabilities of that layer, per head."""
+    cfg = train_module.TrainConfig(spec=train_module.ModelSpec(llm_layers=2, llm_kv_heads=2))
+    tok, _, _, batch = _retrieval_batch(train_module)
+    model = train_module.build_model(cfg.spec, tok, seed=0, attn="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # sharper than the init's near-uniform attention
+    capture = train_module._Capture(model, (1,))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=batch["pixel_values"],
+                    output_attentions=True, use_cache=False)
+        rows, queries = batch["query_mask"].nonzero(as_tuple=True)
+        target = torch.rand(len(rows), ids.shape[1], generator=torch.Generator().manual_seed(0)) < 0.3
+        args = (model, 1, capture.store["attn_in1"], pos, mask, rows, queries, target, 4)
+        got = train_module.attention_log_mass(*args).exp()
+        got_spread = train_module.attention_log_mass(*args, spread=True)
+    capture.remove()
+    probs = out.attentions[1][rows, :4, queries]  # (N, 4, L)
+    want = (probs * target[:, None]).sum(-1)
+    assert got.shape == (len(rows), 4) and want.max() > 0.3  # sharp enough to tell heads apart
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    visible_target = target[:, None] & (probs > 0)  # the causal mask hides later positions
+    want_spread = (probs.clamp(min=1e-30).log() * visible_target).sum(-1) / visible_target.sum(-1)
+    torch.testing.assert_close(got_spread, want_spread, atol=1e-3, rtol=1e-4)

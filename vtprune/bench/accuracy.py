@@ -8,7 +8,7 @@ over decoder layers (in-LLM methods keep every token in the layers before K, Fas
 
 In-LLM methods run at their papers' layers (FastV, DART, debiasing: K = 2; TransPrune's schedule scaled to
 the depth). EntropyPrune runs with ``budget_mode="direct"`` (keep= tokens after its layer): its paper budget
-is an average over all layers, which on a 3-layer model cannot go below 2 x 576 / 3 tokens per layer.
+is an average over all layers, which on the 4-layer synthetic model cannot go below 2 x 576 / 4 tokens per layer.
 """
 
 from __future__ import annotations

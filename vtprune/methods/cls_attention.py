@@ -10,7 +10,7 @@ positions.
 
 Differences from the reference:
   * The [CLS] row is recomputed from that ViT layer's q/k projections, so the vision tower stays on
-    sdpa; the official code runs CLIP with ``output_attentions=True`` (eager attention).
+    sdpa; the official code asks CLIP for its attention maps, which forces eager attention.
   * LLaVA-NeXT: the official code keeps the same T tokens in every AnyRes crop, then unpads; vtprune
     ranks all crops of an image jointly under one per-image budget (scores are comparable: each crop's
     [CLS] row sums to one), so exactly the budgeted count survives. ``image_newline`` tokens follow

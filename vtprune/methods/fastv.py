@@ -10,8 +10,8 @@ KV cache. Original positions are kept (the official in-place variant passes the 
 
 Differences from the reference:
   * The attention row is recomputed from layer K-1's query of the last token and its cached keys,
-    so the LLM runs under sdpa / flash-attention; the official code needs eager attention and
-    ``output_attentions=True`` for the whole model.
+    so the LLM runs under sdpa / flash-attention; the official code needs eager attention and the
+    full attention maps of the whole model.
   * "Last token" is the last non-padding token of each row, so batches with padding work; the
     official code assumes batch size 1 and a fixed system-prompt length (35/36 tokens).
   * The budget is per span (image / frame) instead of one fixed 576-token image block.

@@ -22,13 +22,13 @@ class ModelSpec:
     """Widths and depths. The ViT runs ``vit_layers`` layers; LLaVA reads layer -2, so the last one only costs time
     (kept for fidelity: [CLS]-attention methods read the layer that produces the features)."""
 
-    vit_hidden: int = 96
+    vit_hidden: int = 128
     vit_layers: int = 4
     vit_heads: int = 4
     llm_hidden: int = 192
-    llm_layers: int = 3
+    llm_layers: int = 4
     llm_heads: int = 6
-    llm_kv_heads: int = 2
+    llm_kv_heads: int = 6  # full multi-head attention, as LLaVA-1.5's Llama-2
     llm_intermediate: int = 512
 
     def to_dict(self) -> dict[str, int]:

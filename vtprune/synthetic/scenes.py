@@ -312,3 +312,25 @@ def iter_samples(split: str = "train", start: int = 0, stop: int | None = None) 
 def heldout(n: int = 1000, offset: int = 0) -> list[Sample]:
     """The fixed held-out set: ``n`` samples from index ``offset`` of the held-out split (types balanced)."""
     return list(iter_samples("heldout", offset, offset + n))
+
+
+def relevant_objects(question: str, objects: tuple[SceneObject, ...] | list[SceneObject]) -> list[int]:
+    """Indices into ``objects`` of the objects ``question`` is about (empty when it asks about an absent object).
+
+    Training only (attention supervision): colour / shape at a region -> the object in that region; "where is the
+    c s" and "is there a c s" -> the objects with that colour and shape; "how many ..." -> every object counted.
+    """
+    words = question.split()
+    if question.startswith("what colour is the shape in the ") or question.startswith("what shape is in the "):
+        region = REGIONS.index(words[-2])
+        return [i for i, o in enumerate(objects) if o.region == region]
+    if question.startswith("where is the ") or question.startswith("is there a "):
+        colour, shape = words[-3], words[-2]
+        return [i for i, o in enumerate(objects) if (o.colour, o.shape) == (colour, shape)]
+    if question == "how many shapes are there ?":
+        return list(range(len(objects)))
+    if question.startswith("how many ") and words[3] == "shapes":  # how many <colour> shapes are there ?
+        return [i for i, o in enumerate(objects) if o.colour == words[2]]
+    if question.startswith("how many "):  # how many <shape>s are there ?
+        return [i for i, o in enumerate(objects) if o.shape + "s" == words[2]]
+    raise ValueError(f"unknown question {question!r}")
