@@ -29,6 +29,7 @@ import importlib.metadata as md, sys
 try:
     ok = md.version("lmms-eval") == sys.argv[1]
     import lmms_eval.evaluator, lmms_eval.models.registry_v2  # noqa: F401  (the import path we rely on)
+    import filelock._api  # noqa: F401  (see the filelock pin below)
 except Exception:
     ok = False
 print("yes" if ok else "no")
@@ -43,6 +44,8 @@ torch_before="$("$PY" -c 'import torch; print(torch.__version__)')"
 constraints="$(mktemp)"
 # Pin the torch that is installed, exactly (local version label included): pip may not replace it.
 echo "torch==$torch_before" > "$constraints"
+# lmms-eval 0.7.3's evaluator imports the private `filelock._api`, which filelock 4 removed.
+echo "filelock<4" >> "$constraints"
 
 log="$(mktemp)"
 trap 'rm -f "$constraints" "$log"' EXIT
@@ -64,6 +67,7 @@ if torch.__version__ != sys.argv[1]:
 if importlib.util.find_spec("torchvision") is not None:
     sys.exit("setup_lmms_eval: torchvision is installed; uninstall it (it cannot load beside this torch)")
 import lmms_eval.evaluator, lmms_eval.models.registry_v2  # noqa: F401
+import filelock._api  # noqa: F401
 import importlib.metadata as md
 print(f"setup_lmms_eval: lmms-eval {md.version('lmms-eval')} ready (torch {torch.__version__}, no torchvision)")
 PYEOF
