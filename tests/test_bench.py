@@ -97,3 +97,29 @@ def test_accuracy_report_compares_each_method_with_random_at_its_stage(capsys):
     flagged = capsys.readouterr().out.splitlines()[-1]
     # pool loses to input-stage random; fastv beats input random but loses to random at its own layer
     assert flagged.endswith("pool@64 (< random), fastv@64 (< random(layer=2))"), flagged
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prefill_clock_times_the_vision_tower_that_generate_runs_first(family):
+    # transformers 5 generate() encodes the image before its first forward: a clock on the forward alone
+    # would miss the 60 ms this vision tower is made to sleep.
+    import time
+
+    from vtprune.bench.timing import PrefillClock, vision_tower
+    from vtprune.testing import tiny
+
+    model = tiny.build(family).eval()
+    inputs = tiny.make_inputs(model, [tiny.Row(), tiny.Row(seed=1)])
+    sleep = vision_tower(model).register_forward_hook(lambda *_: time.sleep(0.06))
+    stops: list[tuple[float, int]] = []
+    clock = PrefillClock(model, on_start=lambda: "started",
+                         on_stop=lambda ms, kw, s: stops.append((ms, kw["input_ids"].shape[0], s)))
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        clock.remove()
+        sleep.remove()
+    assert len(stops) == 1  # the prefill only, not the 2 decode steps
+    ms, rows, started = stops[0]
+    assert ms >= 60 and clock.ms == ms and rows == 2 and started == "started"

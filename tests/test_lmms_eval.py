@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,8 @@ def test_llava_hf_wrapper_in_process(sweep: Path, tiny_dir: Path, monkeypatch: p
     lm = model_class("vtprune_llava_hf")(pretrained=str(tiny_dir), device="cpu", method="none")
     tm = TaskManager("WARNING", include_path=str(sweep / "tasks"), include_defaults=False)
     n = 6
+    # generate() runs the vision tower before its first forward; prefill_ms must still include it
+    vision = lm.model.model.vision_tower.register_forward_hook(lambda *_: time.sleep(0.03))
     for label in ("baseline", "kcenter keep=64"):
         _, direct_kw, kept = SETTINGS[label]
         if direct_kw is None:
@@ -177,7 +180,9 @@ def test_llava_hf_wrapper_in_process(sweep: Path, tiny_dir: Path, monkeypatch: p
         records = sorted(lm.sample_records(), key=lambda r: r["doc_id"])
         assert [r["doc_id"] for r in records] == list(range(n))  # the parent sorts by length; mapping holds
         assert all(r["visual_after"] == kept and r["batch_rows"] == 1 for r in records)
+        assert all(r["prefill_ms"] >= 30 for r in records), [r["prefill_ms"] for r in records]
         assert lm.model is not None  # simple_evaluate called clean(); the model survived it
+    vision.remove()
 
 
 def test_unknown_and_invalid_model_args_fail_before_loading() -> None:

@@ -169,37 +169,6 @@ def load_model(spec: str, items: Sequence[dict[str, Any]], *, dtype: str, attn: 
     return model.to(device).eval(), V.VideoInputBuilder.from_pretrained(path), path.name
 
 
-class PrefillTimer:
-    """Wall time of the first forward call of a ``generate()`` (the prefill), via forward hooks on the model."""
-
-    def __init__(self, model: Any) -> None:
-        import torch
-
-        self._sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
-        self._calls = 0
-        self._t0 = 0.0
-        self.ms = float("nan")
-        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
-
-    def reset(self) -> None:
-        self._calls, self.ms = 0, float("nan")
-
-    def _pre(self, module: Any, args: Any) -> None:
-        if self._calls == 0:
-            self._sync()
-            self._t0 = time.perf_counter()
-
-    def _post(self, module: Any, args: Any, output: Any) -> None:
-        if self._calls == 0:
-            self._sync()
-            self.ms = (time.perf_counter() - self._t0) * 1e3
-        self._calls += 1
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
 def _visual_placeholders(builder: Any, ids: Any) -> int:
     """Video placeholder tokens, counted as ``PruneStats.visual_before`` counts them (structural ones too)."""
     return int((ids == builder.video_token_id).sum())
@@ -330,6 +299,7 @@ def _answer(args: argparse.Namespace, config: dict[str, Any], all_items: Sequenc
     from tqdm import tqdm
 
     import vtprune
+    from vtprune.bench.timing import PrefillClock
     from vtprune.video import load_video
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -340,7 +310,7 @@ def _answer(args: argparse.Namespace, config: dict[str, Any], all_items: Sequenc
     if args.method != "none":
         handle = vtprune.prune(model, args.method, args.ratio, keep=args.keep, layer=_layers(args.layer),
                                budget=args.budget, positions=args.positions, **parse_kv(args.method_arg))
-    timer = PrefillTimer(model)
+    timer = PrefillClock(model)  # vision tower + selection + LLM prefill of each generate()
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     try:

@@ -7,8 +7,10 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -57,3 +59,79 @@ def time_interleaved(fns: dict[str, Callable[[], object]], reps: int = 5, warmup
                 _sync()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: Timing(statistics.median(v), min(v), max(v), len(v)) for name, v in samples.items()}
+
+
+class PrefillClock:
+    """Wall time of every prefill a model runs under ``generate()``, vision encoding included.
+
+    transformers 5.x ``generate()`` encodes images and videos (``get_image_features``) *before* its first
+    forward call, so a clock on the model's forward alone misses the vision tower and every vision-stage
+    selection. This clock starts at whichever comes first, the vision tower's forward or a prefill forward
+    (an empty KV cache), and stops when that prefill forward returns; decode steps are not timed.
+
+    ``on_start()`` runs when a clock starts (its result is handed back); ``on_stop(ms, kwargs, started)``
+    receives the elapsed ms, the prefill forward's keyword arguments and what ``on_start`` returned.
+    ``ms`` holds the last prefill's time. Remove the hooks with :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, on_start: Callable[[], Any] | None = None,
+                 on_stop: Callable[[float, dict, Any], None] | None = None) -> None:
+        self._on_start, self._on_stop = on_start, on_stop
+        self._t0: float | None = None
+        self._started: Any = None
+        self.ms = float("nan")
+        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+                         model.register_forward_hook(self._post, with_kwargs=True)]
+        vision = vision_tower(model)
+        if vision is not None:
+            self._handles.append(vision.register_forward_pre_hook(lambda *_: self._start(), prepend=True))
+
+    def _start(self) -> None:
+        if self._t0 is None:
+            _sync()
+            self._t0 = time.perf_counter()
+            self._started = self._on_start() if self._on_start is not None else None
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        past = kwargs.get("past_key_values")
+        if past is not None and cache_length(past) > 0:
+            self._t0 = None  # a decode step: nothing to time
+        else:
+            self._start()
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._t0 is None:
+            return
+        _sync()
+        self.ms = (time.perf_counter() - self._t0) * 1e3
+        started, self._t0, self._started = self._started, None, None
+        if self._on_stop is not None:
+            self._on_stop(self.ms, kwargs, started)
+
+    def reset(self) -> None:
+        self._t0, self._started, self.ms = None, None, float("nan")
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a model vtprune supports (None for any other model)."""
+    from vtprune.api import _resolve_adapter
+
+    try:
+        return _resolve_adapter(model).vision_tower
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def cache_length(past: Any) -> int:
+    """Tokens already in a KV cache (HF ``Cache`` or the legacy tuple of tuples)."""
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:
+        return int(past[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0

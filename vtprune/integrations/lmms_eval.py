@@ -35,7 +35,6 @@ import importlib
 import inspect
 import json
 import os
-import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 
 from vtprune.api import POSITIONS, PruneHandle, prune
 from vtprune.api import method as build_method
+from vtprune.bench.timing import PrefillClock
 from vtprune.budget import check_policy
 from vtprune.methods.base import Method
 from vtprune.registry import METHODS
@@ -299,10 +299,9 @@ class PruningMixin:
             rest.pop("max_batch_size")  # lmms-eval passes it to every class; most parents reject it
         super().__init__(**_device_map_shim(parent, rest))
         self._vt_handle: PruneHandle | None = None
-        self._vt_hooks: list[Any] = []
+        self._vt_clock: PrefillClock | None = None
         self._vt_pending: collections.deque = collections.deque()
         self._vt_records: list[dict[str, Any]] = []
-        self._vt_prefill: tuple | None = None
         self._vt_config = PruneConfig()
         self.configure(config)
 
@@ -336,18 +335,15 @@ class PruningMixin:
                 if tok is not None:  # MMTok-style keyword instructions need the model's tokenizer
                     m = dataclasses.replace(m, tokenizer=tok)
             self._vt_handle = prune(model, m, budget=config.budget, positions=config.positions)
-        self._vt_hooks = [
-            model.register_forward_pre_hook(self._vt_before, with_kwargs=True, prepend=True),
-            model.register_forward_hook(self._vt_after, with_kwargs=True),
-        ]
+        self._vt_clock = PrefillClock(model, on_start=self._vt_stats, on_stop=self._vt_record)
         self._vt_config = config
         self.reset_records()
         return self._vt_handle
 
     def _vt_detach(self) -> None:
-        for h in self._vt_hooks:
-            h.remove()
-        self._vt_hooks = []
+        if self._vt_clock is not None:
+            self._vt_clock.remove()
+            self._vt_clock = None
         if self._vt_handle is not None:
             self._vt_handle.remove()
             self._vt_handle = None
@@ -411,29 +407,16 @@ class PruningMixin:
         ``prompt_tokens`` (the unpadded prompt length, placeholders included)."""
         return list(self._vt_records)
 
-    def _vt_sync(self) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+    def _vt_stats(self) -> Any:
+        # the handle's stats object when a prefill starts: a new one after it means this prefill pruned
+        return self._vt_handle.stats if self._vt_handle is not None else None
 
-    def _vt_before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
-        if past is not None and _cache_length(past) > 0:
-            return  # a decode step
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    def _vt_record(self, ms: float, kwargs: dict, stats_before: Any) -> None:
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             return
-        stats = self._vt_handle.stats if self._vt_handle is not None else None
-        self._vt_sync()
-        self._vt_prefill = (time.perf_counter(), ids, kwargs.get("attention_mask"), ref.shape[0], stats)
-
-    def _vt_after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        state, self._vt_prefill = self._vt_prefill, None
-        if state is None:
-            return
-        t0, ids, mask, rows, stats_before = state
-        self._vt_sync()
-        ms = (time.perf_counter() - t0) * 1e3
+        rows = ref.shape[0]
         h = self._vt_handle
         st = h.stats if h is not None else None
         if st is not None and st is not stats_before and len(st.visual_before) == rows:
@@ -492,15 +475,6 @@ def _device_map_shim(parent: type, kwargs: dict[str, Any]) -> dict[str, Any]:
         device = kwargs.get("device") or inspect.signature(parent.__init__).parameters["device"].default
         return {**kwargs, "device_map": str(device)}
     return kwargs
-
-
-def _cache_length(past: Any) -> int:
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple-of-tuples cache
-        return int(past[0][0].shape[-2])
-    except (IndexError, TypeError, AttributeError):
-        return 0
 
 
 def _parent_after(cls: type, mixin: type) -> type:
