@@ -19,6 +19,17 @@ import torch.nn as nn
 from vtprune.adapters.base import LLM_SIGNALS, Adapter, ImageLayout, VisionRecord
 
 
+class MergerFn:
+    """A Qwen merger as a function of merged rows: (..., merge^2 * Dv) -> (..., D). ``module`` exposes its
+    structure (norm -> Linear -> GELU -> Linear) to methods that use it (zeroth_order's closed form)."""
+
+    def __init__(self, module: nn.Module, dv: int) -> None:
+        self.module, self.dv = module, dv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.reshape(-1, self.dv)).reshape(*x.shape[:-1], -1)
+
+
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
@@ -116,10 +127,5 @@ class Qwen2VLAdapter(Adapter):
         return units[rows.to(units.device)]
 
     def projector_fn(self) -> Any:
-        merger, dv = self.projector, self.config.vision_config.embed_dim if hasattr(
-            self.config.vision_config, "embed_dim") else self.config.vision_config.hidden_size
-
-        def project(x: torch.Tensor) -> torch.Tensor:  # (..., merge^2 * Dv) -> (..., D)
-            return merger(x.reshape(-1, dv)).reshape(*x.shape[:-1], -1)
-
-        return project
+        vc = self.config.vision_config
+        return MergerFn(self.projector, vc.embed_dim if hasattr(vc, "embed_dim") else vc.hidden_size)

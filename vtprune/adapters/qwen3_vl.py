@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
+from vtprune.adapters.qwen2_vl import MergerFn, Qwen2VLAdapter
 
 
 def _cut_deepstack(vis: torch.Tensor, embeds: list[torch.Tensor], index: torch.Tensor,
@@ -30,12 +30,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
 
     def projector_fn(self) -> Any:
-        merger, dv = self.projector, self.config.vision_config.hidden_size
-
-        def project(x: torch.Tensor) -> torch.Tensor:
-            return merger(x.reshape(-1, dv)).reshape(*x.shape[:-1], -1)
-
-        return project
+        return MergerFn(self.projector, self.config.vision_config.hidden_size)
 
     def extra_lm_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         vis, embeds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
