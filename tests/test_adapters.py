@@ -129,6 +129,21 @@ def test_qwen_received_attention_is_a_distribution_per_image(family):
     torch.testing.assert_close(got["received"].sum(-1), torch.ones(got["received"].shape[0]), atol=1e-5, rtol=0)
 
 
+def test_qwen_received_attention_is_the_same_in_blocks_of_query_rows(monkeypatch):
+    """The column sums are accumulated over blocks of query rows (bounded memory); one row at a time gives
+    the single-block (whole matrix) result."""
+    import vtprune.adapters.qwen2_vl as Q
+
+    model = _model("qwen2_vl")
+    inputs = make_inputs(model, rows_for(model))
+    monkeypatch.setattr(Q, "_BLOCK_ELEMENTS", 1 << 40)
+    whole = _probe(model, inputs, extra=("received_attention",))
+    monkeypatch.setattr(Q, "_BLOCK_ELEMENTS", 1)  # one query row per block
+    blocks = _probe(model, inputs, extra=("received_attention",))
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(b["received"], a["received"], atol=1e-6, rtol=1e-5)
+
+
 def test_qwen3_deepstack_is_cut_with_the_tokens():
     """Pruning below the last DeepStack layer: the injection after pruned layers reaches the kept visual
     tokens only, and the result equals the masked full-sequence reference (see test_invariants)."""
