@@ -93,8 +93,8 @@ class PrefillClock:
             self._started = self._on_start() if self._on_start is not None else None
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
-        if past is not None and cache_length(past) > 0:
+        past = kwargs.get("past_key_values")  # a transformers 5 Cache (the engine tells prefill apart alike)
+        if past is not None and past.get_seq_length() > 0:
             self._t0 = None  # a decode step: nothing to time
         else:
             self._start()
@@ -125,13 +125,3 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
         return _resolve_adapter(model).vision_tower
     except (TypeError, ValueError, AttributeError):
         return None
-
-
-def cache_length(past: Any) -> int:
-    """Tokens already in a KV cache (HF ``Cache`` or the legacy tuple of tuples)."""
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:
-        return int(past[0][0].shape[-2])
-    except (IndexError, TypeError, AttributeError):
-        return 0
