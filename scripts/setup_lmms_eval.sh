@@ -41,9 +41,12 @@ if [ "$installed" = "yes" ]; then
 fi
 
 torch_before="$("$PY" -c 'import torch; print(torch.__version__)')"
+transformers_before="$("$PY" -c 'import importlib.metadata as md; print(md.version("transformers"))')"
 constraints="$(mktemp)"
-# Pin the torch that is installed, exactly (local version label included): pip may not replace it.
+# Pin the torch that is installed, exactly (local version label included): pip may not replace it; nor the
+# transformers the venv was made for (CI tests the oldest and the newest supported release).
 echo "torch==$torch_before" > "$constraints"
+echo "transformers==$transformers_before" >> "$constraints"
 # lmms-eval 0.7.3's evaluator imports the private `filelock._api`, which filelock 4 removed.
 echo "filelock<4" >> "$constraints"
 

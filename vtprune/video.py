@@ -9,9 +9,9 @@ Three layers, each usable alone:
   (``np.linspace(0, n_total - 1, n).round()``, as lmms-eval and Qwen3-VL's processor do) or one frame
   every ``1 / fps`` seconds, capped at ``max_frames`` by subsampling that grid evenly.
 * **Model inputs** (:class:`FramePreprocessor`, :class:`VideoInputBuilder`): the tensors and the expanded
-  prompt the transformers 5.23 processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision and
-  LLaVA-NeXT-Video produce. Their *video* processors need torchvision (which cannot be installed next to
-  torch 2.13.0+cpu here), so the pixel pipeline is re-implemented with PIL + torch: same resize rule,
+  prompt the transformers 5.19 ... 5.25 processors (same defaults throughout) of Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+  LLaVA-OneVision and LLaVA-NeXT-Video produce. Their *video* processors need torchvision (which cannot be
+  installed next to torch 2.13.0+cpu here), so the pixel pipeline is re-implemented with PIL + torch: same resize rule,
   rescale, normalisation and (Qwen) patch layout; the placeholder expansion follows each processor's
   ``replace_video_token``. When torchvision is available, :func:`hf_processor_kwargs` gives what an HF
   processor call needs instead.
@@ -361,7 +361,7 @@ class FramePreprocessor:
 
     @classmethod
     def defaults(cls, family: str) -> FramePreprocessor:
-        """The transformers 5.23 video processor defaults of ``family`` (checkpoints override them)."""
+        """The transformers 5.19 ... 5.25 video processor defaults of ``family`` (checkpoints override them)."""
         if family in ("qwen2_vl", "qwen2_5_vl"):
             return cls(family, {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28})
         if family == "qwen3_vl":

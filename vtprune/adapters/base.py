@@ -80,7 +80,7 @@ class Adapter:
     signals: ClassVar[frozenset[str]] = frozenset()
     has_cls: ClassVar[bool] = False
     mrope: ClassVar[bool] = False  # multi-row (M-RoPE) position ids
-    tested_transformers: ClassVar[str] = "5.23"
+    tested_transformers: ClassVar[str] = "5.19 ... 5.25"  # the range CI runs (vtprune/compat.py)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -38,6 +38,7 @@ import vtprune
 from vtprune.api import _resolve_adapter
 from vtprune.bench.proxies import PROXIES, Proxy, build_proxy, proxy_inputs
 from vtprune.budget import Budget
+from vtprune.compat import cache_out, with_cache
 from vtprune.registry import METHODS
 
 # (name, options, real-depth defaults are the method's own); in-LLM methods get proxy layers 1, 2, 3
@@ -303,7 +304,7 @@ class Bench:
     def _decode_and_cache(self, r: Result) -> None:
         with torch.no_grad(), self._clocked():
             out = self.model(**self.inputs, use_cache=True)
-            cache = out.past_key_values
+            cache = cache_out(out)
             for i, layer in enumerate(cache.layers):
                 r.kv_bytes_layer[i] = layer.keys.numel() * layer.keys.element_size() * 2  # keys + values
             tok = out.logits[:, -1].argmax(-1)[:, None]
@@ -311,7 +312,7 @@ class Bench:
                 self.clock.reset()
                 _sync()
                 t0 = time.perf_counter()
-                out = self.model(input_ids=tok, past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=tok, **with_cache(cache), use_cache=True)
                 _sync()
                 r.decode.append((time.perf_counter() - t0) * 1e3)
                 r.decode_llm.append(sum(self.clock.times[f"llm.{i}"][0] for i in range(self.proxy.proxy_text_layers)))

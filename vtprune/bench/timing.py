@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtprune.compat import cache_in
+
 
 @dataclass
 class Timing:
@@ -93,7 +95,7 @@ class PrefillClock:
             self._started = self._on_start() if self._on_start is not None else None
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")  # a transformers 5 Cache (the engine tells prefill apart alike)
+        past = cache_in(kwargs)  # a transformers 5 Cache (the engine tells prefill apart alike)
         if past is not None and past.get_seq_length() > 0:
             self._t0 = None  # a decode step: nothing to time
         else:
