@@ -132,9 +132,10 @@ def gather_sequence(
     Returns:
         ``GatherOutput(hidden (B, L', D), position_ids (B, L') | (R, B, L') | None, attention_mask (B, L'))``:
         exact gathers; the mask is ``attention_mask.gather(index) * valid`` in the mask's dtype, or
-        ``valid`` as int64 (the HF convention) when no mask is given.
+        ``valid`` as int64 (the HF convention) when no mask is given. Differentiable in ``hidden``: an input
+        that needs a gradient takes the torch twin (the Triton kernel has no backward).
     """
-    if resolve_backend(backend, hidden.device) == "torch":
+    if (hidden.requires_grad and torch.is_grad_enabled()) or resolve_backend(backend, hidden.device) == "torch":
         return gather_sequence_ref(hidden, index, valid, position_ids, attention_mask)
     return load_triton_module("gather_triton").gather_sequence_triton(
         hidden, index, valid, position_ids, attention_mask
@@ -185,7 +186,8 @@ def pack_varlen(
         ``VarlenOutput(packed (T, D), cu_seqlens (B + 1,) int32, max_seqlen int, position_ids (T,) | (R, T) |
         None)`` with ``T = valid.sum()``: row b occupies ``packed[cu_seqlens[b]:cu_seqlens[b + 1]]`` in slot
         order. Ready for ``flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)``.
+        Differentiable in ``hidden`` (through the torch twin), as :func:`gather_sequence`.
     """
-    if resolve_backend(backend, hidden.device) == "torch":
+    if (hidden.requires_grad and torch.is_grad_enabled()) or resolve_backend(backend, hidden.device) == "torch":
         return pack_varlen_ref(hidden, index, valid, position_ids)
     return load_triton_module("gather_triton").pack_varlen_triton(hidden, index, valid, position_ids)

@@ -11,6 +11,7 @@ import transformers as T
 
 import vtprune
 from cases import ROWS
+from vtprune import compat
 from vtprune.testing.tiny import IMAGE, build, make_inputs
 
 
@@ -183,6 +184,23 @@ def test_static_cache_is_refused(model):
     inputs = make_inputs(model, ROWS[:1])
     with vtprune.prune(model, "random", ratio=0.5), pytest.raises(NotImplementedError, match="static"):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_images_after_a_pruned_prefill_are_refused(model):
+    """A cache holding a pruned prompt cannot take more visual tokens (a later turn with an image, or the next
+    chunk of a chunked prefill): a clear error instead of positions and masks that no longer line up."""
+    first, second = make_inputs(model, ROWS[:1]), make_inputs(model, ROWS[1:])
+    with vtprune.prune(model, "random", ratio=0.5), torch.no_grad():
+        cache = compat.cache_out(model(**first, use_cache=True))
+        turn = {"input_ids": second["input_ids"], "pixel_values": second["pixel_values"]}
+        with pytest.raises(NotImplementedError, match="visual tokens to a KV cache that already holds a pruned"):
+            model(**turn, **compat.with_cache(cache), use_cache=True)
+
+
+def test_chunked_prefill_is_refused(model):
+    inputs = make_inputs(model, ROWS[:1])
+    with vtprune.prune(model, "random", ratio=0.5), pytest.raises(NotImplementedError, match="prefill_chunk_size=8"):
+        model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=8)
 
 
 def test_stats_report_per_stage_and_per_layer(model):

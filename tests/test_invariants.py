@@ -10,6 +10,7 @@ import torch
 
 import vtprune
 from cases import ADAPTER_CASES, ATTN, METHOD_CASES, TWO_IMAGES, MethodCase, is_mrope, rows_for, visual_of
+from vtprune.compat import cache_out, with_cache
 from vtprune.testing.reference import generate_positions, masked_forward, pruned_rows
 from vtprune.testing.tiny import build, make_inputs
 
@@ -225,9 +226,9 @@ def test_manual_decode_loop_matches_generate(model):
                              output_logits=True)
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-            cache, logits = out.past_key_values, [out.logits[:, -1]]
+            cache, logits = cache_out(out), [out.logits[:, -1]]
             for _ in range(2):
-                out = model(input_ids=logits[-1].argmax(-1)[:, None], past_key_values=cache, use_cache=True)
+                out = model(input_ids=logits[-1].argmax(-1)[:, None], **with_cache(cache), use_cache=True)
                 logits.append(out.logits[:, -1])
     for a, b in zip(logits, gen.logits):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
@@ -292,6 +293,11 @@ def test_sdpa_matches_eager(family, case: MethodCase):
 def test_beam_search_and_multiple_returns(model):
     """generate() repeats encoded images per beam after encoding them; each copy keeps its own layout."""
     batch = make_inputs(model, rows_for(model), padding="left")
+    try:
+        model.generate(**batch, max_new_tokens=1, num_beams=2, do_sample=False)
+    except Exception as e:  # transformers 5.19 splits NeXT-Video's video features per frame, which its own
+        # _expand_multimodal_outputs miscounts (fixed upstream by 5.23): nothing for vtprune to reproduce
+        pytest.skip(f"the unpruned model cannot beam-search here either ({type(e).__name__}: {e})")
     with vtprune.prune(model, "cls_attention", keep=6) as handle:
         beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
         assert handle.stats.visual_after[::2] == handle.stats.visual_after[1::2]  # beams of one sample agree

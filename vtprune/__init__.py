@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "prune": "vtprune.api",
     "PruneHandle": "vtprune.api",
+    "handle_of": "vtprune.api",
     "method": "vtprune.api",
     "list_methods": "vtprune.api",
     "list_models": "vtprune.api",
@@ -31,7 +32,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from vtprune.api import PruneHandle, list_methods, list_models, method, prune
+    from vtprune.api import PruneHandle, handle_of, list_methods, list_models, method, prune
     from vtprune.budget import Budget
     from vtprune.methods.base import Method, ScoreMethod, Selection
     from vtprune.registry import ADAPTERS, METHODS

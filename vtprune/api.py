@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
 
+from vtprune import compat
 from vtprune.adapters.base import Adapter
 from vtprune.adapters.engine import Engine, Step
 from vtprune.budget import POLICIES, Budget, check_keep, check_policy, check_ratio
@@ -37,6 +39,39 @@ class PruneHandle:
         self.positions = positions
         self._stats: list[PruneStats] = [PruneStats()]
         self._patcher = Patcher()
+        self._engine = Engine(adapter, steps, positions, self._stats)
+
+    def _install(self) -> None:
+        """Hook the model (through the Patcher: ``remove()`` undoes exactly this)."""
+        patcher, model = self._patcher, self.model
+        patcher.set_attr(model, _HANDLE_ATTR, self, what="vtprune: handle attribute")
+        # copy.deepcopy / pickle look these up on the instance: a pruned model copies as an independent pruned
+        # model, and refuses to pickle with a reason instead of failing on a hook closure
+        patcher.set_attr(model, "__deepcopy__", self._deepcopy_model, what="vtprune: deepcopy as a pruned model")
+        patcher.set_attr(model, "__reduce_ex__", _refuse_pickle, what="vtprune: refuse to pickle hooks")
+        try:
+            self._engine.install(patcher)
+        except BaseException:
+            patcher.undo()
+            raise
+
+    def _deepcopy_model(self, memo: dict[int, Any]) -> nn.Module:
+        """``copy.deepcopy(model)``: copy the unpruned model, then prune the copy with the same steps (its own
+        hooks, state and handle: ``vtprune.handle_of(copy)``). The original is unhooked during the copy and
+        hooked again after, by this same handle."""
+        self._patcher.undo()
+        try:
+            clone = copy.deepcopy(self.model, memo)
+        finally:
+            self._install()
+        PruneHandle(clone, self.steps, type(self.adapter)(clone), self.positions)._install()
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PruneHandle:
+        """Deep-copying a handle deep-copies its model and returns the copy's handle (removed if this one is)."""
+        clone = copy.deepcopy(self.model, memo)
+        twin = handle_of(clone)
+        return twin if twin is not None else PruneHandle(clone, self.steps, type(self.adapter)(clone), self.positions)
 
     @property
     def stats(self) -> PruneStats:
@@ -80,6 +115,19 @@ class PruneHandle:
         state = "active" if self.active else "removed"
         steps = ", ".join(f"{s.method.name}@{s.label} ({s.budget})" for s in self.steps)
         return f"PruneHandle({self.adapter.family}: {steps}; {state})"
+
+
+def _refuse_pickle(protocol: int = 2) -> Any:
+    raise TypeError(
+        "a model pruned by vtprune cannot be pickled or shallow-copied: its hooks are closures over this model. "
+        "copy.deepcopy(model) gives an independent pruned copy; to save, use save_pretrained() (pruning changes "
+        "no weight) and prune again after loading, or call handle.remove() first"
+    )
+
+
+def handle_of(model: nn.Module) -> PruneHandle | None:
+    """The active :class:`PruneHandle` of ``model`` (e.g. of a ``copy.deepcopy``), or None if it is not pruned."""
+    return model.__dict__.get(_HANDLE_ATTR)
 
 
 def method(name: str, **kwargs: Any) -> Method:
@@ -199,6 +247,7 @@ def prune(
         replace: remove an existing vtprune handle on this model first instead of raising.
         **method_kwargs: the method's own options (e.g. ``seed=1`` for "random").
     """
+    compat.check_transformers()
     methods = _resolve_methods(method, layer, method_kwargs)
     if ratio is not None and keep is not None:
         raise ValueError(f"give ratio= or keep=, not both (got ratio={ratio!r}, keep={keep!r})")
@@ -238,15 +287,8 @@ def prune(
             )
         existing.remove()
     handle = PruneHandle(model, steps, adapter, positions)
-    engine = Engine(adapter, steps, positions, handle._stats)
-    patcher = handle._patcher
-    patcher.set_attr(model, _HANDLE_ATTR, handle, what="vtprune: handle attribute")
-    try:
-        engine.install(patcher)
-    except BaseException:
-        patcher.undo()
-        raise
+    handle._install()
     return handle
 
 
-__all__ = ["POLICIES", "POSITIONS", "PruneHandle", "list_methods", "list_models", "method", "prune"]
+__all__ = ["POLICIES", "POSITIONS", "PruneHandle", "handle_of", "list_methods", "list_models", "method", "prune"]

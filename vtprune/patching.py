@@ -35,9 +35,11 @@ class Patcher:
         handle = module.register_forward_pre_hook(fn, with_kwargs=True)
         self._undo.append((what or f"pre-hook on {type(module).__name__}", handle.remove))
 
-    def post_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "") -> None:
-        """``module.register_forward_hook(fn, with_kwargs=True)``, undone by removing the hook."""
-        handle = module.register_forward_hook(fn, with_kwargs=True)
+    def post_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "",
+                  always_call: bool = False) -> None:
+        """``module.register_forward_hook(fn, with_kwargs=True)``, undone by removing the hook.
+        ``always_call``: also run when the forward raises (closing per-forward state)."""
+        handle = module.register_forward_hook(fn, with_kwargs=True, always_call=always_call)
         self._undo.append((what or f"hook on {type(module).__name__}", handle.remove))
 
     def set_attr(self, obj: object, name: str, value: object, *, what: str = "") -> None:

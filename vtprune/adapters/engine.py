@@ -16,15 +16,18 @@ batch can differ in length: rows are left-padded with masked slots that point at
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
+from vtprune import compat
 from vtprune.adapters.base import Adapter, VisionRecord
 from vtprune.adapters.sequence import build_mask, compact_positions, take, take_mask, take_positions
 from vtprune.adapters.stage_view import StageView
@@ -94,9 +97,8 @@ class Forward:
 
 @dataclass
 class Generation:
-    """What decode steps need from the prefill that pruned (one cache)."""
+    """What decode steps need from the prefill that pruned; paired with that prefill's KV cache object."""
 
-    cache: Callable[[], Any]  # weakref to the KV cache object
     orig_len: int  # L: prompt length as the caller sees it
     base_len: int  # L0: length of the LLM input after pre-LLM pruning
     base_mask: torch.Tensor  # (B, L0)
@@ -105,17 +107,46 @@ class Generation:
     pos_shift: torch.Tensor | None  # (B,) compact-position shift at the LLM input
     layer_maps: dict[int, IndexMap]
     layer_shift: dict[int, torch.Tensor]  # first layer -> (B,) extra compact shift for layers >= it
-    memo: dict[Any, Any] = field(default_factory=dict)
 
     def map_at(self, layer: int) -> tuple[int, IndexMap] | None:
         keys = [k for k in self.layer_maps if k <= layer]
         return (max(keys), self.layer_maps[max(keys)]) if keys else None
 
 
+@dataclass
+class Call:
+    """One forward of the VLM (``model.model``): what it was given and the state of its LLM pass. Every
+    hook reads the innermost active call, so state never leaks from one forward into another."""
+
+    input_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+    gave_positions: bool  # the caller passed position_ids or a mask (Qwen then derives no rope_deltas)
+    encoded: dict[str, Any]  # modality -> the pre-encoded features (``mm_encoder_outputs``) it was given
+    produced: dict[str, VisionRecord] = field(default_factory=dict)  # feature calls made during this forward
+    phase: str | None = None  # "prefill" | "decode" while the LLM runs; None: pass through
+    fwd: Forward | None = None
+    gen: Generation | None = None
+    cache: Any = None  # the KV cache of a decode step
+    stats: PruneStats | None = None
+    last_layer: int = -1
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-forward cuts shared by decoder layers
+
+
+@dataclass
+class LossCall:
+    """A top-level forward given ``labels``: the loss is computed after pruning, on the kept tokens."""
+
+    labels: torch.Tensor  # (B, L) in the caller's (original) coordinates
+    extra: dict[str, Any]  # loss kwargs (num_items_in_batch, ignore_index)
+    kept: list[torch.Tensor] | None = None  # per row, original positions that reach the LM head (None: all)
+
+
 def _expanded(images: list, mask: torch.Tensor, factor: int) -> list:
     """generate() encodes the images once, then repeats every sample ``factor`` times (beams,
     ``num_return_sequences``): rows s*factor .. s*factor+factor-1 all show sample s's images. Repeat the
-    layouts the same way (HF's ``_expand_multimodal_outputs``), grouping images per sample by token count."""
+    layouts the same way (HF's ``_expand_multimodal_outputs``), grouping images per sample by token count.
+    Used only where the features are one stacked tensor (the repetition then copies it); a list of
+    per-image tensors is matched element by element instead (see :meth:`Engine._images_for`)."""
     B = mask.shape[0]
     if B % factor:
         return images
@@ -131,11 +162,23 @@ def _expanded(images: list, mask: torch.Tensor, factor: int) -> list:
     return out
 
 
+def _pooled(output: Any) -> Any:
+    """The per-image features of a feature call's output (a list / tuple of tensors, or one tensor)."""
+    return getattr(output, "pooler_output", None) if not torch.is_tensor(output) else output
+
+
 class Engine:
-    """Installs the hooks for one ``prune()`` call and runs the steps. One per handle."""
+    """Installs the hooks for one ``prune()`` call and runs the steps. One per handle.
+
+    State is paired with what it belongs to, never with "the last call": a feature call's record with the
+    output object it returned (``mm_encoder_outputs`` of a later forward finds it there), a forward's
+    state with its :class:`Call` (a stack: the innermost forward), decode state with the KV cache object
+    its prefill filled.
+    """
 
     def __init__(self, adapter: Adapter, steps: list[Step], positions: str, stats_box: list[PruneStats]) -> None:
         self.adapter = adapter
+        self.steps = steps
         self.pre_steps = [s for s in steps if s.layer is None]
         self.layer_steps: dict[int, list[Step]] = {}
         for s in steps:
@@ -143,17 +186,12 @@ class Engine:
                 self.layer_steps.setdefault(s.layer, []).append(s)
         self.positions = positions
         self._stats_box = stats_box  # the handle reads stats_box[0]
-        self._input_ids: torch.Tensor | None = None
-        self._embeds_in: torch.Tensor | None = None
-        self._pending: VisionRecord | None = None
-        self._vision: dict[str, VisionRecord] = {}  # modality -> the last feature call's record
-        self._vlm_gave_positions = True
-        self._last_layer = -1
+        self._pending: VisionRecord | None = None  # the feature call running now (ViT hooks fill it)
+        self._encoded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # feature output -> its VisionRecord
+        self._generations: WeakIdKeyDictionary = WeakIdKeyDictionary()  # KV cache -> Generation
+        self._calls: list[Call] = []  # active VLM forwards, innermost last
+        self._losses: list[LossCall | None] = []  # active top-level forwards
         self._needs_pixels = False
-        self._fwd: Forward | None = None
-        self._gen: Generation | None = None
-        self._phase: str | None = None
-        self._prefill_stats: PruneStats | None = None
 
     # ================================================================== installation
     def install(self, patcher: Any) -> None:
@@ -161,10 +199,16 @@ class Engine:
         vlm, lm = a.vlm, a.language_model
         for modality, (fn_name, _) in a.modalities.items():
             patcher.wrap_method(vlm, fn_name, self._wrap_features(modality))
-        patcher.pre_hook(vlm, self._on_vlm, what="vtprune: read input_ids")
+        if hasattr(a.model, "generate"):
+            patcher.wrap_method(a.model, "generate", self._wrap_generate, what="vtprune: refuse chunked prefill")
+        if a.model is not vlm:  # labels= is taken by the top-level model: cut them with the tokens
+            patcher.pre_hook(a.model, self._on_model, what="vtprune: hold labels until the tokens are cut")
+            patcher.post_hook(a.model, self._after_model, what="vtprune: loss on the kept tokens", always_call=True)
+        patcher.pre_hook(vlm, self._on_vlm, what="vtprune: open a forward")
+        patcher.post_hook(vlm, self._after_vlm, what="vtprune: close a forward", always_call=True)
         patcher.pre_hook(lm, self._on_lm, what="vtprune: prune the LLM input")
         patcher.post_hook(lm, self._after_lm, what="vtprune: finish prefill")
-        methods = [s.method for s in self.pre_steps] + [s.method for ss in self.layer_steps.values() for s in ss]
+        methods = [s.method for s in self.steps]
         needs = set().union(*(m.required_signals(a.has_cls) for m in methods)) if methods else set()
         vit_layers = {a.feature_hidden_index(getattr(m, "vit_layer", None)) for m in methods
                       if m.required_signals(a.has_cls) & {"cls_attention", "vit_keys", "received_attention"}}
@@ -199,6 +243,79 @@ class Engine:
                                      what=f"vtprune: capture layer {K - 1} input")
         a.install_extra(self, patcher)
 
+    @staticmethod
+    def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            config = kwargs.get("generation_config") or getattr(original.__self__, "generation_config", None)
+            chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+            if chunk:  # later chunks would bring visual tokens to a cache holding a pruned prefix
+                raise NotImplementedError(f"vtprune prunes a prompt in one prefill; chunked prefill "
+                                          f"(prefill_chunk_size={chunk}) is not supported")
+            return original(*args, **kwargs)
+
+        return generate
+
+    # ================================================================== forwards
+    @property
+    def call(self) -> Call | None:
+        """The innermost VLM forward running now (None outside one)."""
+        return self._calls[-1] if self._calls else None
+
+    def _prefilling(self) -> Call | None:
+        call = self.call
+        return call if call is not None and call.phase == "prefill" and call.fwd is not None else None
+
+    def _on_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        labels = kwargs.get("labels")
+        if labels is None:
+            self._losses.append(None)
+            return None
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        self._losses.append(LossCall(labels=labels, extra=extra))
+        return args, {k: v for k, v in kwargs.items() if k != "labels"}
+
+    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        ctx = self._losses.pop() if self._losses else None
+        if ctx is None or output is None:
+            return None
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        loss = self._loss(module, logits, ctx)
+        if isinstance(output, dict):  # rebuild so that `loss` comes first, as the model would have put it
+            return type(output)(**{"loss": loss, **{k: v for k, v in output.items() if k != "loss"}})
+        return (loss, *output)
+
+    @staticmethod
+    def _loss(module: nn.Module, logits: torch.Tensor, ctx: LossCall) -> torch.Tensor:
+        """The model's own causal-LM loss. Pruned: each kept row predicts the label that followed its token
+        in the ORIGINAL sequence, rows of dropped tokens (no logits) predict nothing; equal to the loss of
+        the masked reference with the dropped rows' targets ignored (in SFT data, image rows are ignored)."""
+        labels = ctx.labels
+        vocab = logits.shape[-1]
+        if ctx.kept is None:
+            return module.loss_function(logits=logits, labels=labels, vocab_size=vocab, **ctx.extra)
+        ignore = ctx.extra.get("ignore_index", -100)
+        shifted = F.pad(labels, (0, 1), value=ignore)[:, 1:]  # (B, L): next-token target of each position
+        B, R = logits.shape[:2]
+        target = torch.full((B, R), ignore, dtype=labels.dtype, device=labels.device)  # (B, R)
+        for b, pos in enumerate(ctx.kept):  # kept tokens fill the last slots of their row, in order
+            m = min(pos.numel(), R)
+            if m:
+                target[b, R - m:] = shifted[b, pos[pos.numel() - m:].to(labels.device)]
+        return module.loss_function(logits=logits, labels=None, shift_labels=target, vocab_size=vocab, **ctx.extra)
+
+    def _on_vlm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        self._calls.append(Call(
+            input_ids=kwargs.get("input_ids", args[0] if args else None),
+            inputs_embeds=kwargs.get("inputs_embeds"),
+            gave_positions=kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None,
+            encoded={m: out for m, out in encoded.items() if out is not None},
+        ))
+
+    def _after_vlm(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._calls:
+            self._calls.pop()
+
     # ================================================================== capture hooks
     def _wrap_features(self, modality: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -216,7 +333,15 @@ class Engine:
                     self._pending = None
                 self.adapter.image_layouts(modality, args, kwargs, out, record)
                 record.produced = list(record.images)
-                self._vision[modality] = record
+                pooled = _pooled(out)
+                record.meta["pooled"] = list(pooled) if isinstance(pooled, (list, tuple)) else pooled
+                try:
+                    self._encoded[out] = record  # a later forward given these features finds their record
+                except TypeError:  # not weak-referenceable (a plain tuple from return_dict=False)
+                    pass
+                call = self.call
+                if call is not None:  # made inside a forward (pixels passed to it): the features it places
+                    call.produced[modality] = record
                 return out
 
             return get_features
@@ -248,9 +373,10 @@ class Engine:
         the residual add; magnitude ratio and cosine, kept in LLM-input coordinates."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            fwd = self._fwd
-            if self._phase != "prefill" or fwd is None:
+            call = self._prefilling()
+            if call is None:
                 return
+            fwd = call.fwd
             x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             x_out = output[0] if isinstance(output, tuple) else output
             with torch.no_grad():
@@ -275,44 +401,64 @@ class Engine:
 
     def _capture_attn(self, l: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._phase == "prefill" and self._fwd is not None:
-                self._fwd.captures[("attn", l)] = {
+            call = self._prefilling()
+            if call is not None:
+                call.fwd.captures[("attn", l)] = {
                     "x": (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach(),
                     "pe": kwargs.get("position_embeddings"),
-                    "cache": kwargs.get("past_key_values"),
+                    "cache": compat.cache_in(kwargs),
                 }
 
         return hook
 
     def _capture_hidden(self, l: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._phase == "prefill" and self._fwd is not None:
+            call = self._prefilling()
+            if call is not None:
                 x = args[0] if args else kwargs["hidden_states"]
-                self._fwd.captures[("hidden", l)] = {"x": x.detach()}
+                call.fwd.captures[("hidden", l)] = {"x": x.detach()}
 
         return hook
 
-    def _on_vlm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._embeds_in = kwargs.get("inputs_embeds")
-        self._vlm_gave_positions = kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None
-
     # ================================================================== LLM input
     def _on_lm(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        past = kwargs.get("past_key_values")
-        if past is not None and getattr(past, "is_compileable", False):
+        call = self.call
+        if call is None:  # the language model called on its own: no images to prune
+            return None
+        cache = compat.cache_in(kwargs)
+        if cache is not None and getattr(cache, "is_compileable", False):
             raise NotImplementedError(
                 "vtprune drops tokens, which a static (compileable) KV cache cannot hold; use the default DynamicCache"
             )
-        if past is None or past.get_seq_length() == 0:
-            with torch.no_grad():
-                return self._prefill(args, kwargs)
-        return self._decode(kwargs, past)
+        if cache is None or cache.get_seq_length() == 0:
+            return self._prefill(call, args, kwargs)
+        return self._decode(call, kwargs, cache)
 
-    def _layout(self, masks: dict[str, torch.Tensor]) -> tuple[Layout, list[VisionRecord]]:
+    def _images_for(self, call: Call, modality: str, mask: torch.Tensor) -> VisionRecord | None:
+        """The record of the features this forward places for ``modality``, with its per-image layouts in
+        placement order (generate() may have repeated the images for beams / ``num_return_sequences``)."""
+        given = call.encoded.get(modality)
+        if given is None:
+            return call.produced.get(modality)
+        record = self._encoded.get(given)
+        if record is None:  # encoded before prune() or outside its hooks: no layout or signals known
+            return None
+        pooled, produced = _pooled(given), record.meta.get("pooled")
+        if pooled is produced or (isinstance(pooled, (list, tuple)) and isinstance(produced, list)
+                                  and len(pooled) == len(produced) and all(a is b for a, b in zip(pooled, produced))):
+            return record
+        if isinstance(pooled, (list, tuple)) and isinstance(produced, list) and len(produced) == len(record.produced):
+            by_id = {id(t): im for t, im in zip(produced, record.produced)}
+            if all(id(t) in by_id for t in pooled):  # repeated element by element: follow the repetition
+                return dataclasses.replace(record, images=[by_id[id(t)] for t in pooled])
+        n_feat, n_visual = sum(im.num_tokens for im in record.produced), int(mask.sum())
+        if n_feat and n_visual != n_feat and n_visual % n_feat == 0:  # a stacked tensor, repeated as a whole
+            return dataclasses.replace(record, images=_expanded(record.produced, mask, n_visual // n_feat))
+        return record
+
+    def _layout(self, call: Call, masks: dict[str, torch.Tensor]) -> tuple[Layout, list[VisionRecord]]:
         """Assign every placeholder its image, frame, grid cell and ViT source, modality by modality, in
         the row-major order ``masked_scatter`` fills them."""
-        vision, self._vision = self._vision, {}
         first = next(iter(masks.values()))
         B, L = first.shape
         dev = first.device
@@ -326,18 +472,16 @@ class Engine:
             n_visual = int(mask.sum())
             if n_visual == 0:
                 continue
-            record = vision.get(modality)
+            record = self._images_for(call, modality, mask)
             if record is None or not record.images:
                 record = self.adapter.default_layouts(modality, n_visual)
                 if record is None:
                     raise RuntimeError(
-                        f"{self.adapter.family}: vtprune saw {n_visual} {modality} tokens but no "
-                        f"{self.adapter.modalities[modality][0]} call; pass the pixel values so the layout is known"
+                        f"{self.adapter.family}: vtprune saw {n_visual} {modality} tokens but not the "
+                        f"{self.adapter.modalities[modality][0]} call that made their features; pass the pixel "
+                        "values (or features encoded while the model is pruned) so the layout is known"
                     )
             n_feat = sum(im.num_tokens for im in record.images)
-            if n_feat != n_visual and n_feat and n_visual % n_feat == 0:
-                record.images = _expanded(record.images, mask, n_visual // n_feat)
-                n_feat = sum(im.num_tokens for im in record.images)
             if n_feat != n_visual:
                 raise ValueError(f"{modality} placeholders and features do not match: {n_visual} placeholder "
                                  f"tokens, {n_feat} features")
@@ -367,40 +511,37 @@ class Engine:
                         vtok=fields["vtok"])
         return layout, records
 
-    def _prefill(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._fwd, self._gen, self._phase, self._last_layer = None, None, "prefill", -1
+    def _prefill(self, call: Call, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
-        masks = self.adapter.visual_masks(self._input_ids, self._embeds_in) if embeds is not None else {}
+        masks = self.adapter.visual_masks(call.input_ids, call.inputs_embeds) if embeds is not None else {}
         if not masks or any(m.shape != embeds.shape[:2] for m in masks.values()) or not any(
                 bool(m.any()) for m in masks.values()):
-            self._vision = {}
-            self._phase = None  # a prompt with no image passes through untouched
-            self._set_stats(PruneStats())
+            self._set_stats(PruneStats())  # a prompt with no image passes through untouched
             return None
         B, L, _ = embeds.shape
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise NotImplementedError("vtprune needs a 2-D attention_mask (or None); got a custom 4-D mask")
-        mask0 = mask.long() if mask is not None else torch.ones(B, L, dtype=torch.long, device=embeds.device)
-        layout, records = self._layout(masks)
-        visual = layout.visual
-        ident = torch.arange(L, device=embeds.device).expand(B, L)
-        ids = self._input_ids if self._input_ids is not None and self._input_ids.shape == (B, L) else None
-        fwd = Forward(layout=layout, records=records, embeds=embeds, projected=embeds, mask0=mask0, input_ids=ids,
-                      base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
-        self._fwd = fwd
-        stats = PruneStats(visual_before=visual.sum(1).tolist())
-        self._prefill_stats = stats
-
-        cur = fwd.base
-        for step in self.pre_steps:
-            out = self._run_step(step, fwd, cur, tokens=None, stats=stats)
-            if out is not None:
-                order, new_valid, _ = out
-                cur = IndexMap(torch.where(new_valid, cur.index.gather(1, order), -1), new_valid, cur.version + 1)
-        fwd.base = cur
-        index = cur.index.clamp(min=0)  # (B, L0)
-        fwd.base_mask = mask0.gather(1, index) * cur.valid
+        # the selection needs no gradient; the gathers below keep the graph (training through pruning)
+        grad = torch.is_grad_enabled() and embeds.requires_grad
+        with torch.no_grad():
+            mask0 = mask.long() if mask is not None else torch.ones(B, L, dtype=torch.long, device=embeds.device)
+            layout, records = self._layout(call, masks)
+            ident = torch.arange(L, device=embeds.device).expand(B, L)
+            ids = call.input_ids if call.input_ids is not None and call.input_ids.shape == (B, L) else None
+            fwd = Forward(layout=layout, records=records, embeds=embeds, projected=embeds, mask0=mask0,
+                          input_ids=ids, base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
+            call.fwd, call.phase, call.last_layer = fwd, "prefill", -1
+            call.stats = stats = PruneStats(visual_before=layout.visual.sum(1).tolist())
+            cur = fwd.base
+            for step in self.pre_steps:
+                out = self._run_step(step, fwd, cur, tokens=None, stats=stats, grad=grad)
+                if out is not None:
+                    order, new_valid, _ = out
+                    cur = IndexMap(torch.where(new_valid, cur.index.gather(1, order), -1), new_valid, cur.version + 1)
+            fwd.base = cur
+            index = cur.index.clamp(min=0)  # (B, L0)
+            fwd.base_mask = mask0.gather(1, index) * cur.valid
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(L, device=embeds.device).expand(B, L)
@@ -415,27 +556,34 @@ class Engine:
             new.update(self.adapter.extra_lm_inputs(kwargs, index, cur.valid))
         if self.positions == "compact" and base_pruned:
             new["position_ids"], pos_shift = compact_positions(new["position_ids"], fwd.base_mask.bool())
-        self._gen = Generation(
-            cache=lambda: None, orig_len=L, base_len=index.shape[1], base_mask=fwd.base_mask, base_pruned=base_pruned,
+        call.gen = Generation(
+            orig_len=L, base_len=index.shape[1], base_mask=fwd.base_mask, base_pruned=base_pruned,
             has_pads=bool((~cur.valid).any()), pos_shift=pos_shift, layer_maps=fwd.layer_maps, layer_shift={},
         )
+        cache = compat.cache_in(kwargs)
+        if cache is not None:  # an empty cache given to the prefill: its decode steps are ours
+            self._generations[cache] = call.gen
         if not new:
             return None
-        kwargs = {**kwargs, **new}
-        return args, kwargs
+        return args, {**kwargs, **new}
 
-    def _decode(self, kwargs: dict, past: Any) -> tuple[tuple, dict] | None:
-        gen = self._gen
-        if gen is None or gen.cache() is not past:
-            self._phase = None  # not the sequence we pruned: leave it alone
+    def _decode(self, call: Call, kwargs: dict, cache: Any) -> tuple[tuple, dict] | None:
+        gen = self._generations.get(cache)
+        if gen is None:  # not a sequence we pruned: leave it alone
             return None
-        self._phase = "decode"
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1]
+        visual = self.adapter.visual_masks(call.input_ids, call.inputs_embeds) if q > 1 else {}
+        if any(bool(m.any()) for m in visual.values()):
+            raise NotImplementedError(
+                "vtprune prunes a prompt's images in one prefill, but this forward brings visual tokens to a KV cache "
+                "that already holds a pruned prompt (chunked prefill, or an image in a later turn); run the prompt "
+                "in one prefill (no prefill_chunk_size), or start a new cache")
+        call.phase, call.gen, call.cache, call.memo = "decode", gen, cache, {}
         if not gen.base_pruned:
             return None
         new: dict[str, Any] = {}
         mask = kwargs.get("attention_mask")
-        embeds = kwargs.get("inputs_embeds")
-        q = embeds.shape[1]
         if mask is not None:
             if mask.dim() != 2 or mask.shape[1] < gen.orig_len:
                 raise NotImplementedError(
@@ -444,15 +592,15 @@ class Engine:
                 )
             new["attention_mask"] = torch.cat([gen.base_mask.to(mask.dtype), mask[:, gen.orig_len :]], dim=1)
         elif gen.has_pads:
-            t = past.get_seq_length() - gen.base_len + q
+            t = cache.get_seq_length() - gen.base_len + q
             ones = torch.ones(gen.base_mask.shape[0], t, dtype=gen.base_mask.dtype, device=gen.base_mask.device)
             new["attention_mask"] = torch.cat([gen.base_mask, ones], dim=1)
         pos = kwargs.get("position_ids")
         if pos is None:  # what the unpruned model would use: continue after the ORIGINAL length
-            start = past.get_seq_length() + gen.orig_len - gen.base_len
+            start = cache.get_seq_length() + gen.orig_len - gen.base_len
             pos = (torch.arange(q, device=embeds.device) + start).expand(embeds.shape[0], q)
             new["position_ids"] = pos
-        elif self.adapter.derives_decode_positions and not self._vlm_gave_positions:
+        elif self.adapter.derives_decode_positions and not call.gave_positions:
             # the VLM counted from the (pruned) cache length: shift to the ORIGINAL length
             pos = pos + (gen.orig_len - gen.base_len)
             new["position_ids"] = pos
@@ -462,36 +610,40 @@ class Engine:
         return (), {**kwargs, **new}
 
     def _after_lm(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._phase == "prefill" and self._fwd is not None:
-            cache = getattr(output, "past_key_values", None)
-            if self._gen is not None and cache is not None:
-                self._gen.cache = weakref.ref(cache)
-            self._finish_stats(self._fwd)
-            self._fwd = None  # release captured activations
+        call = self._prefilling()
+        if call is None:
+            return
+        cache = compat.cache_out(output)
+        if cache is not None and call.gen is not None:
+            self._generations[cache] = call.gen
+        self._finish_stats(call)
+        call.fwd, call.phase = None, None  # release captured activations
 
     # ================================================================== decoder layers
     def current_layer_map(self) -> IndexMap | None:
         """In prefill, the map of the decoder layer that ran last (None: the LLM input sequence)."""
-        fwd = self._fwd
-        return None if fwd is None or self._phase != "prefill" else fwd.map_at(self._last_layer)
+        call = self._prefilling()
+        return None if call is None else call.fwd.map_at(call.last_layer)
 
     def _layer_hook(self, l: int) -> Callable[..., tuple[tuple, dict] | None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            self._last_layer = l
-            if self._phase == "prefill" and self._fwd is not None:
-                with torch.no_grad():
-                    return self._layer_prefill(l, args, kwargs)
-            if self._phase == "decode" and self._gen is not None:
-                return self._layer_decode(l, args, kwargs)
+            call = self.call
+            if call is None:
+                return None
+            call.last_layer = l
+            if call.phase == "prefill" and call.fwd is not None:
+                return self._layer_prefill(call, l, args, kwargs)
+            if call.phase == "decode" and call.gen is not None:
+                return self._layer_decode(call, l, args, kwargs)
             return None
 
         return hook
 
-    def _layer_prefill(self, l: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        fwd = self._fwd
-        assert fwd is not None
+    def _layer_prefill(self, call: Call, l: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        fwd = call.fwd
         hidden = args[0] if args else kwargs["hidden_states"]
         if l in self.layer_steps:
+            grad = torch.is_grad_enabled() and hidden.requires_grad
             prev = fwd.map_at(l - 1) or self._base_identity(fwd)
             cur = prev
             # slot of each current token in the coordinates of the hidden states entering layer l
@@ -499,8 +651,9 @@ class Engine:
             local = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
             changed = False
             for step in self.layer_steps[l]:
-                out = self._run_step(step, fwd, cur, tokens=hidden, stats=self._prefill_stats, local=local, prev=prev,
-                                     layer_kwargs=kwargs)
+                with torch.no_grad():
+                    out = self._run_step(step, fwd, cur, tokens=hidden, stats=call.stats, local=local, prev=prev,
+                                         layer_kwargs=kwargs, grad=grad)
                 if out is None:
                     continue
                 order, new_valid, values = out
@@ -518,7 +671,7 @@ class Engine:
                     base_pos = self._base_positions(kwargs, fwd)
                     _, shift = compact_positions(take_positions(base_pos, cur.index.clamp(min=0)),
                                                  self._attend(fwd, cur))
-                    self._gen.layer_shift[l] = shift - self._prev_shift(l)
+                    call.gen.layer_shift[l] = shift - self._prev_shift(call.gen, l)
         m = fwd.map_at(l)
         if m is None:
             return None
@@ -531,9 +684,10 @@ class Engine:
         B, L0 = fwd.base_mask.shape
         return IndexMap(torch.arange(L0, device=fwd.base_mask.device).expand(B, L0), fwd.base.valid)
 
-    def _prev_shift(self, l: int) -> torch.Tensor | int:
-        earlier = [k for k in self._gen.layer_shift if k < l]
-        return sum(self._gen.layer_shift[k] for k in earlier) if earlier else 0
+    @staticmethod
+    def _prev_shift(gen: Generation, l: int) -> torch.Tensor | int:
+        earlier = [k for k in gen.layer_shift if k < l]
+        return sum(gen.layer_shift[k] for k in earlier) if earlier else 0
 
     def _attend(self, fwd: Forward, m: IndexMap) -> torch.Tensor:
         return fwd.base_mask.gather(1, m.index.clamp(min=0)).bool() & m.valid
@@ -545,11 +699,18 @@ class Engine:
             raise RuntimeError("vtprune: decoder layers did not receive the LLM input's position_ids")
         return pos.expand(B, L0) if pos.dim() == 2 else pos
 
+    @staticmethod
+    def _memo_key(*objs: Any) -> tuple:
+        """A memo key of live objects (the memo entry holds them, so their ids cannot be reused meanwhile)."""
+        return tuple(id(o) for o in objs)
+
     def _layer_kwargs(self, m: IndexMap, kwargs: dict, fwd: Forward, hidden: torch.Tensor) -> dict[str, Any]:
-        """Per-layer kwargs computed by the model for the LLM input, cut to the current map (memoised)."""
-        key = (id(m), id(kwargs.get("attention_mask")), id(kwargs.get("position_embeddings")))
+        """Per-layer kwargs computed by the model for the LLM input, cut to the current map (memoised for the
+        layers of this forward that share them)."""
+        objs = (m, kwargs.get("attention_mask"), kwargs.get("position_embeddings"))
+        key = self._memo_key(*objs)
         if key in fwd.kwargs_memo:
-            return fwd.kwargs_memo[key]
+            return fwd.kwargs_memo[key][1]
         index = m.index.clamp(min=0)
         new: dict[str, Any] = {}
         pos = kwargs.get("position_ids")
@@ -568,26 +729,26 @@ class Engine:
         elif bool((~m.valid).any()):
             valid = m.valid.to(hidden.device)
             new["attention_mask"] = build_mask(self.adapter.attn_implementation(), valid, index.shape[1], hidden.dtype)
-        fwd.kwargs_memo[key] = new
+        fwd.kwargs_memo[key] = (objs, new)
         return new
 
-    def _layer_decode(self, l: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        gen = self._gen
+    def _layer_decode(self, call: Call, l: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        gen = call.gen
         found = gen.map_at(l)
         if found is None:
             return None
         first, m = found
         mask = kwargs.get("attention_mask")
-        key = ("decode", first, id(mask), id(kwargs.get("position_embeddings")))
-        if gen.memo.get("key") == key:
-            new = gen.memo["value"]
+        objs = (mask, kwargs.get("position_embeddings"))
+        key = (first, *self._memo_key(*objs))  # call.memo lives for this decode step only
+        if key in call.memo:
+            new = call.memo[key][1]
         else:
             new = {}
             hidden = args[0] if args else kwargs["hidden_states"]
             q = hidden.shape[1]
             B = m.index.shape[0]
-            cache = gen.cache()
-            t = cache.get_seq_length() - gen.base_len if cache is not None else q  # new tokens so far, incl. this step
+            t = call.cache.get_seq_length() - gen.base_len  # new tokens so far, incl. this step
             tail = torch.arange(gen.base_len, gen.base_len + t, device=m.index.device).expand(B, t)
             kv_index = torch.cat([m.index.clamp(min=0), tail], dim=1)
             kv_valid = torch.cat([m.valid, torch.ones(B, t, dtype=torch.bool, device=m.valid.device)], dim=1)
@@ -602,7 +763,7 @@ class Engine:
                 pos = pos - (shift[:, None] if pos.dim() == 2 else shift[None, :, None])
                 new["position_ids"] = pos
                 new["position_embeddings"] = self.adapter.language_model.rotary_emb(hidden, pos)
-            gen.memo = {"key": key, "value": new}
+            call.memo[key] = (objs, new)
         if not new:
             return None
         return args, {**kwargs, **new}
@@ -611,9 +772,11 @@ class Engine:
     def _run_step(
         self, step: Step, fwd: Forward, cur: IndexMap, tokens: torch.Tensor | None, stats: PruneStats | None,
         local: torch.Tensor | None = None, prev: IndexMap | None = None, layer_kwargs: dict | None = None,
+        grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple | None] | None:
-        """Run one method on the current sequence. Returns (order (B, L') into the current sequence,
-        valid (B, L'), merged values or None), or None when nothing is dropped."""
+        """Run one method on the current sequence (under no_grad). Returns (order (B, L') into the current
+        sequence, valid (B, L'), merged values or None), or None when nothing is dropped. ``grad``: the
+        forward is being differentiated (merged values would carry no gradient: refused)."""
         t0 = time.perf_counter()
         device = cur.index.device
         lay = fwd.layout
@@ -671,9 +834,15 @@ class Engine:
             pos = torch.stack([p_idx[starts[s] : starts[s] + n] for s in spans])  # (S, n)
             rows = torch.tensor([rows_l[s] for s in spans], device=device)  # (S,)
             sig = Signals(view, stage=step.label.split(":")[0], layer=step.layer, rows=rows, positions=pos,
-                          ordinals=torch.tensor([ordinals[s] for s in spans], device=device))
+                          ordinals=torch.tensor([ordinals[s] for s in spans], device=device), owner=method.name)
             out = method.select(sig, k)
             sel, values = (out.index, out.values) if isinstance(out, Selection) else (out, None)
+            if values is not None and grad:
+                raise NotImplementedError(
+                    f"method {method.name!r} merges tokens, and its merged values carry no gradient; training "
+                    "through vtprune supports methods that only select (run merging methods under torch.no_grad())")
+            if values is not None and not bool(torch.isfinite(values).all()):
+                raise FloatingPointError(f"method {method.name!r} produced non-finite merged values; refusing them")
             self._check_selection(step, sel, len(spans), n, k)
             kept = pos.gather(1, sel.to(device))  # (S, k) current positions
             drop = out.drop if isinstance(out, Selection) and out.drop is not None else None
@@ -779,8 +948,9 @@ class Engine:
     def _set_stats(self, stats: PruneStats) -> None:
         self._stats_box[0] = stats
 
-    def _finish_stats(self, fwd: Forward) -> None:
-        stats = self._prefill_stats or PruneStats()
+    def _finish_stats(self, call: Call) -> None:
+        fwd = call.fwd
+        stats = call.stats or PruneStats()
         vis = fwd.layout.visual
         base_idx, base_valid = fwd.base.index.clamp(min=0), fwd.base.valid
         maps = {0: (base_idx, base_valid)}
@@ -796,3 +966,6 @@ class Engine:
         stats.kept_positions = stats.positions_by_layer[last]
         stats.mean_visual_per_layer = per_layer.mean(0).tolist()
         self._set_stats(stats)
+        loss = self._losses[-1] if self._losses else None
+        if loss is not None and (fwd.base.version > 0 or fwd.layer_maps):  # the logits rows are these tokens
+            loss.kept = stats.kept_positions

@@ -249,7 +249,9 @@ class StageView:
     def _vit_rows(self, sig: Signals) -> torch.Tensor:
         src = self.fwd.layout.src[sig.rows[:, None], self._orig_of(sig)]  # (S, N)
         if bool((src < 0).any()):
-            raise RuntimeError("vision-tower signals are unavailable for these tokens (no feature call seen)")
+            raise RuntimeError("vision-tower signals are unavailable for these tokens: their features were not "
+                               "encoded while the model was pruned (pass the pixel values, or encode them after "
+                               "prune())")
         return src
 
     def _stash(self, record: VisionRecord, key: Any) -> torch.Tensor:
@@ -266,6 +268,7 @@ class StageView:
             h = self.adapter.feature_hidden_index(vit_layer)
             attn = self.adapter.vit_attention(h)
             key, rows_of = (name, h), lambda r: compute(attn, self._stash(r, ("vit_in", h)), r)
+        self._vit_rows(sig)  # raises if a token has no known vision-tower source
         if key not in self.fwd.cache:
             parts = []
             for r in self.fwd.records:
@@ -275,7 +278,6 @@ class StageView:
                 by_layout = {id(im): blk for im, blk in zip(r.produced, blocks)}
                 parts += [by_layout[id(im)] for im in r.images]  # follows generate()'s repetition
             self.fwd.cache[key] = torch.cat(parts)
-        self._vit_rows(sig)  # raises if a token has no known vision-tower source
         vtok = self.fwd.layout.vtok[sig.rows[:, None], self._orig_of(sig)]  # (S, N)
         return self.fwd.cache[key].to(sig.device)[vtok]  # (S, N, C)
 

@@ -32,19 +32,25 @@ def generate_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.no_grad()
 def masked_forward(
     model: torch.nn.Module,
     inputs: dict[str, Any],
     stats: PruneStats,
     position_ids: torch.Tensor | None = None,
     compact: bool = False,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Logits (B, L, V) of the unpatched ``model`` on ``inputs`` with each layer masked to the kept tokens.
 
     ``compact=True`` re-indexes positions over the tokens kept at the LLM input (``positions="compact"``
-    for input-stage pruning).
+    for input-stage pruning). ``differentiable=True`` keeps the autograd graph (the gradient reference).
     """
+    with torch.set_grad_enabled(differentiable):
+        return _masked_forward(model, inputs, stats, position_ids, compact)
+
+
+def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: PruneStats,
+                    position_ids: torch.Tensor | None, compact: bool) -> torch.Tensor:
     lm = model.model.language_model
     layers: Sequence[torch.nn.Module] = lm.layers
     B, L = inputs["input_ids"].shape if "input_ids" in inputs else inputs["inputs_embeds"].shape[:2]
