@@ -319,6 +319,39 @@ def test_every_registered_method_runs_on_plain_tensors(name):
         assert sel.drop.shape == (2,) and sel.drop.dtype == torch.bool
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_refuses_non_finite_inputs(name, bad):
+    """NaN / inf in any signal a method reads: a FloatingPointError naming the method and the signal, never an
+    arbitrary selection or a raw linear-algebra error."""
+    method = vtprune.method(name, **_PLAIN_OPTIONS.get(name, {})).resolve(32)
+    layer = method.layers[-1] if method.layers else None
+    signals = _all_signals()
+    poisoned = []
+    for key in method.required_signals(True) | method.required_signals(False):
+        value = signals.get(key)
+        for part in value.values() if isinstance(value, dict) else [value]:
+            t = part[0] if isinstance(part, tuple) else part
+            if torch.is_tensor(t) and t.is_floating_point() and t.dim() >= 2:
+                t[:, 3] = bad  # one token of every span
+                poisoned.append(key)
+    if not poisoned:
+        pytest.skip(f"{name} reads no floating-point signal")
+    sig = Signals.from_tensors(stage="layer" if layer is not None else method.stage, layer=layer, **signals)
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="non-finite"):
+        method.select(sig, 7)
+
+
+def test_zeroth_order_refuses_a_projector_that_overflows():
+    """Finite features, a projector whose output overflows: the sensitivity is refused, not ranked."""
+    proj = torch.nn.Linear(12, 16)
+    with torch.no_grad():
+        proj.weight.fill_(3e38)
+    sig = Signals.from_tensors(tokens=torch.randn(1, 40, 16), vit_features=torch.randn(1, 40, 12), projector=proj)
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="zeroth_order.*non-finite"):
+        vtprune.method("zeroth_order", estimator="jvp", m=4).select(sig, 7)
+
+
 def test_registering_a_method_is_one_class(monkeypatch):
     from vtprune.registry import METHODS
 

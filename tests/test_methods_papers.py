@@ -14,7 +14,7 @@ import vtprune
 from cases import rows_for
 from vtprune.methods.coverage import greedy_coverage, vision_coverage
 from vtprune.methods.dart import DART
-from vtprune.methods.debiased_attention import calibrate, fit_trend, trend_weights
+from vtprune.methods.debiased_attention import FASTV_SHIPPED, calibrate, fit_trend, trend_weights
 from vtprune.methods.entropy import matrix_entropy
 from vtprune.methods.kcenter import max_sum_diverse
 from vtprune.methods.mmr import mmr, normalise
@@ -112,6 +112,17 @@ def test_entropy_average_budget_matches_the_paper(avg, kept):
 
 
 # ------------------------------------------------------------------------------------------------ zeroth order
+def test_zeroth_order_docstring_names_the_real_default():
+    """The docstring once called ``jvp`` the default estimator; the default is the closed form ("auto")."""
+    import re
+
+    import vtprune.methods.zeroth_order as zo
+
+    default = zo.ZerothOrder().estimator
+    assert re.findall(r'``"(\w+)"`` \(default\)', zo.__doc__) == [default]
+    assert not re.search(r"default ``jvp``|``jvp`` \(default|default estimator is ``jvp``", zo.__doc__)
+
+
 def test_zeroth_order_finds_the_sensitive_tokens():
     torch.manual_seed(0)
     proj = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
@@ -280,6 +291,49 @@ def test_dart_prefers_tokens_unlike_the_pivots():
     assert len(picks & set(range(8))) == 2  # ... and the eight duplicates count as one or two
 
 
+def _dart_official(h: torch.Tensor, keys: torch.Tensor, start: int, n: int, topk: int) -> set[int]:
+    """The reference's ``get_retained_image_token`` step by step (batch 1: one image at [start, start + n),
+    text after it), with its Python sets: image pivots and query pivots by key L1 norm, then per pivot, in the
+    iteration order of ``set(image_indices + query_indices)``, the TOPK valid tokens least like it."""
+    img = (keys[start:start + n].abs().sum(-1).topk(4).indices + start).tolist()
+    query = (keys[start + n:].abs().sum(-1).topk(4).indices + start + n).tolist()
+    indices_set = set(img + query)
+    valid = set(range(start, start + n)) - set(img)
+    valid_list = list(valid)
+    for item in list(indices_set):
+        sim = -torch.nn.functional.cosine_similarity(h[item], h[valid_list], dim=-1)
+        real = [valid_list[i] for i in sim.topk(topk).indices.tolist()]
+        indices_set.update(real)
+        valid.difference_update(real)
+        valid_list = list(valid)
+    indices_set.difference_update(query)
+    return {i - start for i in indices_set}
+
+
+def test_dart_visits_pivots_in_the_reference_set_order():
+    """200 random prompts (image offset 1..120, 16 or 64 image tokens): the kept set equals the reference's.
+    Building the set from a dict instead of the list changes the visiting order in about 1 prompt in 10."""
+    g = torch.Generator().manual_seed(0)
+    mismatches = []
+    for case in range(200):
+        start = int(torch.randint(1, 120, (1,), generator=g))
+        n, t, topk = (16, 9, 1) if case % 2 else (64, 12, 3)
+        L = start + n + t
+        h = torch.randn(L, 24, generator=g, dtype=torch.float64)
+        keys = torch.randn(L, 2, 6, generator=g, dtype=torch.float64)  # (L, Hkv, d)
+        text_ok = torch.ones(1, t, dtype=torch.bool)
+        sig = Signals(None, stage="layer", layer=2, rows=torch.tensor([0]), positions=torch.arange(n)[None],
+                      ordinals=torch.zeros(1, dtype=torch.long), given={
+                          "tokens": h[None, start:start + n], "text_tokens": (h[None, start + n:], text_ok),
+                          "final_norm": lambda x: x, "prompt_positions": torch.arange(start, start + n)[None],
+                          ("prev_keys", (("part", "visual"),)): keys[None, start:start + n],
+                          ("prev_keys", (("part", "text"),)): (keys[None, start + n:], text_ok)})
+        ours = set(DART().select(sig, 4 + 8 * topk)[0].tolist())
+        if ours != _dart_official(h, keys.flatten(1), start, n, topk):
+            mismatches.append(case)
+    assert mismatches == []
+
+
 # ------------------------------------------------------------------------------------------------ debiasing
 def test_debiasing_recovers_a_planted_exponential_trend():
     torch.manual_seed(0)
@@ -305,8 +359,27 @@ def test_calibrate_fits_the_models_own_attention_and_prunes():
         with torch.no_grad():
             model(**inputs)
     assert h.stats.visual_after == [8, 8]
-    with pytest.raises(ValueError, match="needs a fitted trend"):
-        vtprune.method("debiased_attention")
+    with pytest.raises(ValueError, match="needs its coefficients"):
+        vtprune.method("debiased_attention", trend="exp")
+
+
+def test_debiasing_works_in_one_line_with_the_reference_fastv_curve():
+    """No calibrate() needed: the default is the curve the reference ships for FastV (its weight.npy is
+    1 / w = 1 + 1.73675 x - 4.84324 x^2 + 4.90965 x^3 at x = i / 576; spot values of that file)."""
+    m = vtprune.method("debiased_attention")
+    assert (m.trend, m.coef) == ("poly3", FASTV_SHIPPED)
+    w = trend_weights(m.trend, m.coef, 576, torch.device("cpu"))
+    shipped = {0: 1.0, 1: 0.99700835, 2: 0.99406325, 575: 0.35823922}  # weight.npy[i]
+    for i, v in shipped.items():
+        assert abs(float(w[i]) - v) < 1e-6
+    assert vtprune.method("debiased_attention", host="cls_attention").trend == "none"  # no shipped curve
+    assert vtprune.method.__module__ and m.to_dict()["coef"] == list(FASTV_SHIPPED)  # round-trips
+    model = _model("llava")
+    inputs = make_inputs(model, rows_for(model))
+    with vtprune.prune(model, "debiased_attention", ratio=0.5, layer=1) as h:
+        with torch.no_grad():
+            model(**inputs)
+    assert h.stats.visual_after == [8, 8]
 
 
 def test_debiasing_ranks_padding_last():

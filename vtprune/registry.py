@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+import threading
 from importlib import metadata
 from typing import Generic, TypeVar
 
@@ -40,16 +41,20 @@ class Registry(Generic[T]):
         self._aliases: dict[str, str] = {}
         self._entry_points_loaded = False
         self._discovered = package is None
+        self._discovering = False
+        # first use imports modules whose decorators call add(): re-entrant, and other threads wait for it
+        self._lock = threading.RLock()
 
     def add(self, name: str, target: T | str, *, aliases: tuple[str, ...] = ()) -> None:
         """Register ``target`` (a class, or a lazy ``"module:attr"`` string) under ``name``."""
-        for key in (name, *aliases):
-            held = self._entries.get(key, self._entries.get(self._aliases.get(key, ""), None))
-            if held is not None and not _same(held, target):
-                raise ValueError(f"{self.kind} name {key!r} is already registered")
-        self._entries[name] = target
-        for alias in aliases:
-            self._aliases[alias] = name
+        with self._lock:
+            for key in (name, *aliases):
+                held = self._entries.get(key, self._entries.get(self._aliases.get(key, ""), None))
+                if held is not None and not _same(held, target):
+                    raise ValueError(f"{self.kind} name {key!r} is already registered")
+            self._entries[name] = target
+            for alias in aliases:
+                self._aliases[alias] = name
 
     def register(self, name: str, *, aliases: tuple[str, ...] = ()):
         """Class decorator: ``@METHODS.register("my_method")``; the class's ``name`` must agree."""
@@ -64,21 +69,31 @@ class Registry(Generic[T]):
         return deco
 
     def _discover(self) -> None:
-        if self._discovered:
+        if self._discovered:  # set only once every module is imported, so no thread sees a partial registry
             return
-        self._discovered = True
-        pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_") and info.name != "base":
-                importlib.import_module(f"{self.package}.{info.name}")
+        with self._lock:
+            if self._discovered or self._discovering:  # done, or this thread is importing them right now
+                return
+            self._discovering = True
+            try:
+                pkg = importlib.import_module(self.package)
+                for info in pkgutil.iter_modules(pkg.__path__):
+                    if not info.name.startswith("_") and info.name != "base":
+                        importlib.import_module(f"{self.package}.{info.name}")
+                self._discovered = True
+            finally:
+                self._discovering = False
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
             return
-        self._entry_points_loaded = True
-        for ep in metadata.entry_points(group=self.group):
-            if ep.name not in self._entries and ep.name not in self._aliases:
-                self._entries[ep.name] = ep.value
+        with self._lock:
+            if self._entry_points_loaded:
+                return
+            for ep in metadata.entry_points(group=self.group):
+                if ep.name not in self._entries and ep.name not in self._aliases:
+                    self._entries[ep.name] = ep.value
+            self._entry_points_loaded = True
 
     def canonical(self, name: str) -> str:
         """The registry key for ``name`` (resolving aliases); raises with suggestions if unknown."""
@@ -100,9 +115,10 @@ class Registry(Generic[T]):
         key = self.canonical(name)
         target = self._entries[key]
         if isinstance(target, str):
-            module, _, attr = target.partition(":")
-            target = getattr(importlib.import_module(module), attr)
-            self._entries[key] = target
+            with self._lock:
+                module, _, attr = target.partition(":")
+                target = getattr(importlib.import_module(module), attr)
+                self._entries[key] = target
         return target  # type: ignore[return-value]
 
     def names(self, *, include_aliases: bool = False) -> list[str]:

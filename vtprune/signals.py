@@ -42,8 +42,10 @@ class Signals:
         positions: torch.Tensor,
         ordinals: torch.Tensor,
         given: dict[str, Any] | None = None,
+        owner: str = "",
     ) -> None:
         self._source = source
+        self.owner = owner  # the method reading these signals (for error messages)
         self.stage = stage
         self.layer = layer
         self.rows = rows  # (S,)
@@ -95,17 +97,28 @@ class Signals:
     def _get(self, name: str, **kw: Any) -> Any:
         key = name if not kw else (name, tuple(sorted(kw.items())))
         if key in self._given:
-            return self._given[key]
-        if name in self._given:  # a plain value given to from_tensors serves every option ...
+            value = self._given[key]
+        elif name in self._given:  # a plain value given to from_tensors serves every option ...
             value = self._given[name]
             if isinstance(value, dict) and len(kw) == 1:  # ... or a dict keyed by the option's value
-                return value[next(iter(kw.values()))]
-            return value
-        if self._source is None:
+                value = value[next(iter(kw.values()))]
+        elif self._source is None:
             raise KeyError(f"signal {name!r} was not given to Signals.from_tensors(...)")
-        value = self._source.signal(name, self, **kw)
+        else:
+            value = self._source.signal(name, self, **kw)
+        self._check_finite(name, value)
         self._given[key] = value
         return value
+
+    def _check_finite(self, name: str, value: Any) -> None:
+        """NaN / inf in a signal would make any selection arbitrary: refuse it, for every method alike."""
+        for t in value if isinstance(value, tuple) else (value,):
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                who = f"method {self.owner!r}: " if self.owner else ""
+                raise FloatingPointError(
+                    f"{who}signal {name!r} has {bad} non-finite value(s) (NaN / inf in the model's features or "
+                    "activations); refusing to select from it")
 
     # ------------------------------------------------------------------ signals
     @cached_property

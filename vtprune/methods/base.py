@@ -173,11 +173,19 @@ class ScoreMethod(Method):
         return topk_stable(self.score(sig), k, owner=self.name)
 
 
+def check_finite(scores: torch.Tensor, *, owner: str = "", what: str = "score") -> torch.Tensor:
+    """``scores`` unchanged if every value is finite; else a FloatingPointError (a selection from NaN / inf is
+    arbitrary). Signals are checked as they are read (:class:`~vtprune.signals.Signals`); methods call this on
+    scores they derive, so NaN born inside a method (overflow, 0 / 0) is refused too."""
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).sum().item()
+        raise FloatingPointError(f"method {owner!r} produced {bad} non-finite {what}(s); refusing to select")
+    return scores
+
+
 def topk_stable(scores: torch.Tensor, k: int, *, owner: str = "") -> torch.Tensor:
     """Indices of the k largest scores per row; ties go to the earlier token, so the choice does not
     depend on the batch a row is in. Non-finite scores raise instead of selecting arbitrarily."""
-    if not bool(torch.isfinite(scores).all()):
-        bad = (~torch.isfinite(scores)).sum().item()
-        raise FloatingPointError(f"method {owner!r} produced {bad} non-finite score(s); refusing to select")
+    check_finite(scores, owner=owner)
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices  # (S, N)
     return order[..., :k]

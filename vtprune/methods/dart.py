@@ -85,15 +85,19 @@ class DART(Method):
             tl1 = text_keys[s].flatten(1).float().abs().sum(-1).masked_fill(~text_ok[s], float("-inf"))
             n_txt = min(self.text_pivots, int(text_ok[s].sum()))
             txt_piv = torch.sort(tl1, descending=True, stable=True).indices[:n_txt]
-            # The reference visits the pivots in the iteration order of a Python set of their sequence
-            # positions; the text after a span follows it directly, so text pivot i sits at last + 1 + i.
+            # The reference visits the pivots in the iteration order of ``set(image_indices + query_indices)``:
+            # a set built from that LIST of sequence positions (image pivots by key norm, then text pivots),
+            # whose order depends on how the set grew; a set built from a dict is pre-sized and can iterate
+            # differently. The text after a span follows it directly, so text pivot i sits at last + 1 + i.
             pos = sig.prompt_positions[s]  # positions in the unpadded prompt, as the reference (batch 1)
-            lookup = {int(pos[i]): ("img", int(i)) for i in img_piv.tolist()}
-            lookup.update({int(pos[-1]) + 1 + int(i): ("txt", int(i)) for i in txt_piv.tolist()})
+            img_pos = [int(pos[i]) for i in img_piv.tolist()]
+            txt_pos = [int(pos[-1]) + 1 + int(i) for i in txt_piv.tolist()]
+            lookup = {p: ("img", int(i)) for p, i in zip(img_pos, img_piv.tolist())}
+            lookup.update({p: ("txt", int(i)) for p, i in zip(txt_pos, txt_piv.tolist())})
             valid = torch.ones(N, dtype=torch.bool, device=h.device)
             valid[img_piv] = False
             chosen = [img_piv]
-            for p in set(lookup):
+            for p in list(set(img_pos + txt_pos)):
                 kind, i = lookup[p]
                 pivot = h[s, i] if kind == "img" else text_h[s, i]
                 if topk == 0 or not bool(valid.any()):

@@ -13,9 +13,21 @@ median: ViT high-norm artefacts at the vision stage, massive-activation tokens i
 ``"poly3"`` a cubic (the form of the file shipped for FastV). The standalone method is FastV plus debiasing;
 ``host=`` wraps any attention-scored method (``fastv``, ``cls_attention``, ``transition``, ...).
 
+Curves, in order of faithfulness:
+
+* ``calibrate(model, batches)``: the trend fitted on the model in use (the paper's procedure) -- the faithful
+  path for any model, host and image size.
+* ``coef=...``: a curve you have.
+* the default (no ``coef``): with the FastV host, the curve the reference ships for FastV
+  (``playground/data/weight/FastV/weight.npy``: w_i = 1 / (1 + 1.73675 x - 4.84324 x^2 + 4.90965 x^3) at
+  x = i / 576, exact to 1e-15), fitted by its authors on LLaVA-1.5-7B; applied at relative positions, it is
+  right only as far as another model's attention trend resembles that one (w falls to 0.36 at the last token).
+  Hosts for which the reference ships no curve default to ``trend="none"`` (padding suppression only).
+
 Differences from the reference:
-  * Curves are fitted here, per model, on inputs the user gives (``calibrate``); the reference ships
-    per-method, per-benchmark weight files with no fitting script (possibly fitted on the test split).
+  * Curves are fitted here, per model, on inputs the user gives (``calibrate``), or default to the
+    reference's FastV file; the reference ships per-method, per-benchmark weight files with no fitting
+    script (possibly fitted on the test split).
   * x is the token's rank in its span over the span's length, so a curve transfers across image sizes
     (the reference's curves are 576 values, LLaVA-1.5 only).
   * Sink suppression (``sink=``) is not in the reference code (it suppresses padding only); it is off by
@@ -39,6 +51,8 @@ from vtprune.signals import Signals
 from vtprune.registry import METHODS
 
 TRENDS = ("exp", "poly3", "none")
+# 1 / w of the reference's FastV weight file as a cubic in x = i / 576 (intcomp/attention-bias @ e75ebe7)
+FASTV_SHIPPED = (1.0, 1.73675382, -4.84323564, 4.90965239)
 
 
 def trend_weights(trend: str, coef: tuple[float, ...] | None, n: int, device: torch.device) -> torch.Tensor:
@@ -90,7 +104,7 @@ class DebiasedAttention(ScoreMethod):
 
     host: str = "fastv"
     host_options: dict = field(default_factory=dict)
-    trend: str = "exp"
+    trend: str | None = None  # None: from coef (1 value: "exp", 4: "poly3"), else the host's default curve
     coef: tuple[float, ...] | None = None
     pad_threshold: float | None = 0.5
     sink: float | None = None  # rank norm outliers (> sink x the span's median norm) last; None: off
@@ -111,6 +125,14 @@ class DebiasedAttention(ScoreMethod):
             object.__setattr__(self, attr, getattr(host, attr))
         if isinstance(self.coef, list):
             object.__setattr__(self, "coef", tuple(self.coef))
+        if self.trend is None:  # resolved here, so to_dict / from_dict round-trip the curve actually used
+            if self.coef is not None:
+                object.__setattr__(self, "trend", "exp" if len(self.coef) == 1 else "poly3")
+            elif self.host == "fastv":
+                object.__setattr__(self, "trend", "poly3")
+                object.__setattr__(self, "coef", FASTV_SHIPPED)
+            else:
+                object.__setattr__(self, "trend", "none")
         super().__post_init__()
 
     def validate(self) -> None:
@@ -118,8 +140,9 @@ class DebiasedAttention(ScoreMethod):
             raise ValueError(f"debiased_attention: trend={self.trend!r}; allowed: {', '.join(map(repr, TRENDS))}")
         if self.trend != "none" and self.coef is None:
             raise ValueError(
-                "debiased_attention needs a fitted trend: run vtprune.methods.debiased_attention.calibrate("
-                "model, batches) first, pass coef=..., or use trend='none' (padding suppression only)"
+                f"debiased_attention: trend={self.trend!r} needs its coefficients: run "
+                "vtprune.methods.debiased_attention.calibrate(model, batches), pass coef=..., or leave trend unset "
+                "(the host's default curve)"
             )
         if self.sink is not None and not self.sink > 1:
             raise ValueError(f"debiased_attention: sink={self.sink!r} must be > 1 (a multiple of the median norm) "
@@ -196,7 +219,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], host: s
     model inputs) and return the ready ``debiased_attention`` method."""
     import vtprune
 
-    base = DebiasedAttention(host=host, host_options=dict(host_options or {}), trend="none", **kwargs)
+    base = DebiasedAttention(host=host, host_options=dict(host_options or {}), trend="none", coef=None, **kwargs)
     recorder = _Recorder(host_method=base._host, layer=base.layer)
     object.__setattr__(recorder, "stage", base.stage)
     object.__setattr__(recorder, "layer_ok", base.layer_ok)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.budget import Budget
-from vtprune.methods.base import LayerSpec, ScoreMethod
+from vtprune.methods.base import LayerSpec, ScoreMethod, check_finite
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
 
@@ -78,6 +78,7 @@ class EntropyPrune(ScoreMethod):
 def global_matrix_entropy(x: torch.Tensor) -> float:
     """Matrix (von Neumann) entropy of token representations x (N, D): rows L2-normalised, the trace-one
     Gram X X^T / N eigen-decomposed (its spectrum equals the covariance's), divided by ln min(N, D)."""
+    check_finite(x, owner="entropy", what="hidden-state value")  # eigvalsh would fail with a raw LinAlgError
     xn = torch.nn.functional.normalize(x.double(), dim=-1)
     lam = torch.linalg.eigvalsh(xn @ xn.T / xn.shape[0]).clamp(min=1e-12)
     return float(-(lam * lam.log()).sum() / math.log(min(x.shape)))

@@ -42,8 +42,8 @@ Differences from the reference:
     ``estimator="central"`` reproduces the reference.
   * The reference differences are taken in float16, where h * u (~3e-4 per coordinate) is about one
     rounding unit: the scores are dominated by rounding (on a random GELU MLP the fp16 ranking's top-16
-    overlapped the exact one in 2 of 16 tokens). The default ``jvp`` estimator is the exact quantity the
-    finite difference approximates.
+    overlapped the exact one in 2 of 16 tokens). The sampled estimator ``jvp`` (the default's fallback for
+    unrecognised projectors) is the exact quantity the finite difference approximates.
   * Directions come from a seeded generator instead of the global RNG (reference results depend on the
     order samples are evaluated in).
   * LLaVA-NeXT: one selection per image with vtprune's budget (the reference splits the budget over crops
@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtprune.methods.base import Method
+from vtprune.methods.base import Method, check_finite
 from vtprune.methods.kcenter import cosine_distance
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
@@ -286,6 +286,7 @@ class ZerothOrder(Method):
             u = directions(self.m, x.shape[-1], self.seed)
             est = "jvp" if self.estimator == "auto" else self.estimator
             s = sensitivity(x, sig.projector, u, self.h, est, getattr(torch, self.dtype), self.chunk)
+        check_finite(s, owner=self.name, what="sensitivity")  # e.g. the projector overflowed in float16
         lo, hi = s.min(-1, keepdim=True).values, s.max(-1, keepdim=True).values
         return torch.where(hi > lo, (s - lo) / (hi - lo + 1e-8), torch.ones_like(s))
 
