@@ -11,11 +11,13 @@ import torch.nn as nn
 
 from vtprune import compat
 from vtprune.adapters.base import Adapter
-from vtprune.adapters.engine import Engine, Step
+from vtprune.engine.hf import Engine
+from vtprune.engine.state import Step
 from vtprune.budget import POLICIES, Budget, check_keep, check_policy, check_ratio
 from vtprune.methods.base import Method, build
 from vtprune.patching import Patcher
 from vtprune.registry import ADAPTERS, METHODS
+from vtprune.signals import SIGNAL_TABLE
 from vtprune.types import PruneStats
 
 _HANDLE_ATTR = "_vtprune_handle"
@@ -203,14 +205,14 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
     if missing_stage:
         raise ValueError(f"{family} adapter cannot prune at the {missing_stage.pop()} stage needed by {m.name!r}")
     required = m.required_signals(adapter.has_cls)
-    if required & {"cls_attention", "vit_cls"} and not adapter.has_cls:
+    if any(SIGNAL_TABLE[s].needs_cls for s in required) and not adapter.has_cls:
         raise ValueError(
             f"method {m.name!r} needs a [CLS] token, but {family}'s vision tower "
             f"({adapter.config.vision_config.model_type}) has none"
         )
-    missing = set(required) - set(adapter.signals)
+    missing = sorted(s for s in required if SIGNAL_TABLE[s].source not in adapter.sources)
     if missing:
-        raise ValueError(f"method {m.name!r} needs signal(s) {sorted(missing)} that the {family} adapter cannot supply")
+        raise ValueError(f"method {m.name!r} needs signal(s) {missing} that the {family} adapter cannot supply")
     if required & {"cls_attention", "vit_keys", "received_attention", "vit_cls"}:
         adapter.vit_attention(getattr(m, "vit_layer", None))  # raises if vit_layer is out of range
     if "text_attention" in required and m.layers and min(m.layers) < 1:

@@ -25,6 +25,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Policy = Literal["per_frame", "per_image", "global", "temporal"]
 POLICIES: tuple[str, ...] = ("per_frame", "per_image", "global", "temporal")
 
@@ -44,6 +46,28 @@ def check_keep(keep: object, *, owner: str = "prune()") -> int:
     if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or int(keep) < 1:
         raise ValueError(f"{owner}: keep must be an integer >= 1 (visual tokens kept per span), got {keep!r}")
     return int(keep)
+
+
+def span_ids(policy: str, image: torch.Tensor, frame: torch.Tensor,
+             cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spans of ``policy`` over one sequence's candidates.
+
+    ``image`` / ``frame`` (B, L) long: each token's image (or video) and frame; ``cand`` (B, L) bool. Returns
+    ``ids`` (B, L) long, each candidate's span (-1 elsewhere), numbered in (image, frame) order (``global``:
+    batch-row order), and ``owner`` (S,) long, the image (or, for ``global``, the batch row) of each span.
+    A sequence's tokens keep their order inside a span.
+    """
+    check_policy(policy)
+    row = torch.arange(cand.shape[0], device=cand.device)[:, None].expand_as(cand)
+    columns = {"per_frame": (image, frame), "temporal": (image, frame), "per_image": (image,),
+               "global": (row,)}[policy]
+    keys = torch.stack([c[cand] for c in columns], dim=1)  # (n_cand, C)
+    if keys.numel() == 0:
+        return torch.full_like(image, -1), torch.zeros(0, dtype=torch.long, device=cand.device)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # (S, C) sorted, (n_cand,)
+    ids = torch.full_like(image, -1)
+    ids[cand] = inverse
+    return ids, unique[:, 0]
 
 
 def check_policy(policy: object) -> str:

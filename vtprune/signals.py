@@ -9,14 +9,69 @@ with :meth:`Signals.from_tensors` to run any method on plain tensors.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
 
 import torch
 
+#: What a host captures so that a signal can be computed (one hook per source and layer):
+SOURCES: dict[str, str] = {
+    "sequence": "the LLM input or the hidden states at the method's stage (nothing extra to capture)",
+    "vit_attention": "the input of the attention of a ViT layer (the method's ``vit_layer``)",
+    "vit_output": "the output of a ViT layer",
+    "projector_input": "the input of the projector (the vision features)",
+    "pixels": "the pixel values of the feature call",
+    "decoder_attention": "the input of the attention of decoder layer K-1 (layer stage)",
+    "decoder_input": "the input of decoder layer K-1 (layer stage)",
+    "sublayers": "inputs and outputs of the attention and MLP of the method's accumulation layers",
+}
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """Where a signal comes from: the capture ``source`` a host installs for it, and whether only vision towers
+    with a [CLS] token have it. The code computing it is the host's ``_sig_<name>`` (engine/view.py)."""
+
+    doc: str
+    source: str = "sequence"
+    needs_cls: bool = False
+
+
+#: Every signal a method may read (``Method.requires``): adding one means a row here, its accessor below and
+#: its computation in the host.
+SIGNAL_TABLE: dict[str, SignalSpec] = {
+    "tokens": SignalSpec("the sequence representation where the method acts: LLM input embeddings or layer-K input"),
+    "projected": SignalSpec("projector output (the LLM input embedding) of each candidate"),
+    "vit_features": SignalSpec("pre-projector vision features of each candidate", "projector_input"),
+    "vit_keys": SignalSpec("keys of a ViT attention layer at each candidate's patch", "vit_attention"),
+    "cls_attention": SignalSpec("[CLS] -> patch attention of a ViT layer, head mean", "vit_attention", True),
+    "received_attention": SignalSpec("attention a patch receives in a ViT layer (query and head mean)",
+                                     "vit_attention"),
+    "instruction": SignalSpec("embeddings of the text tokens that follow the visual tokens"),
+    "text_attention": SignalSpec("attention of text queries to each candidate at decoder layer K-1",
+                                 "decoder_attention"),
+    "hidden_prev": SignalSpec("input of decoder layer K-1 at each candidate", "decoder_input"),
+    "prev_queries": SignalSpec("post-RoPE queries of decoder layer K-1 at each candidate", "decoder_attention"),
+    "prev_keys": SignalSpec("post-RoPE keys of decoder layer K-1 (candidates, or the text after the span)",
+                            "decoder_attention"),
+    "text_tokens": SignalSpec("the stage's representation of the text after each span"),
+    "final_norm": SignalSpec("the LLM's final norm as a callable"),
+    "instruction_ids": SignalSpec("token ids of the text after the visual tokens"),
+    "vit_cls": SignalSpec("[CLS] hidden state of a ViT layer (of each candidate's tile)", "vit_output", True),
+    "padding_fraction": SignalSpec("share of a patch that is pad-to-square fill", "pixels"),
+    "embed_tokens": SignalSpec("the LLM's input embedding table"),
+    "transition": SignalSpec("per-token statistics of the accumulation layers' sub-layers (TransPrune)",
+                             "sublayers"),
+    "projector": SignalSpec("the projector as a callable"),
+    "grid": SignalSpec("(group, row, col) of each candidate in its image / frame grid"),
+    "prompt_positions": SignalSpec("index of each candidate in its unpadded prompt"),
+}
+assert all(spec.source in SOURCES for spec in SIGNAL_TABLE.values())
+
 
 class SignalSource(Protocol):
-    """What a model adapter provides behind a :class:`Signals` view (see ``adapters/engine.py``)."""
+    """What a host provides behind a :class:`Signals` view (the Hugging Face one: ``engine/view.py``)."""
 
     def signal(self, name: str, sig: Signals, **kw: Any) -> Any: ...
 

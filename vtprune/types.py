@@ -10,36 +10,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtprune.signals import SIGNAL_TABLE
+
 #: Where a method acts. ``vision`` and ``input`` both drop tokens where the LLM input sequence is formed
 #: (transformers checks that every placeholder gets a feature, so tokens cannot vanish earlier); they
 #: differ in the signals they read: ``vision`` methods score from the vision tower, ``input`` methods
 #: from the projected tokens. ``layer`` methods drop at the input of decoder layer K during prefill.
 STAGES: tuple[str, ...] = ("vision", "input", "layer")
 
-#: Every signal an adapter may supply to a method (see :class:`vtprune.signals.Signals`).
-SIGNALS: tuple[str, ...] = (
-    "tokens",  # the sequence representation where the method acts: LLM input embeddings or layer-K input
-    "projected",  # projector output (the LLM input embedding) of each candidate
-    "vit_features",  # pre-projector vision features of each candidate (the projector's input)
-    "vit_keys",  # keys of the CLS-attention ViT layer at each candidate's patch
-    "cls_attention",  # [CLS] -> patch attention of a chosen ViT layer, head mean
-    "received_attention",  # attention a patch receives in a ViT layer (query and head mean)
-    "instruction",  # embeddings of the text tokens that follow the visual tokens
-    "text_attention",  # attention of text queries to each candidate at decoder layer K-1 (layer stage)
-    "hidden_prev",  # input of decoder layer K-1 at each candidate (layer stage)
-    "prev_queries",  # post-RoPE queries of decoder layer K-1 at each candidate (layer stage)
-    "prev_keys",  # post-RoPE keys of decoder layer K-1 (candidates, or the text after the span)
-    "text_tokens",  # the stage's representation of the text after each span
-    "final_norm",  # the LLM's final norm as a callable
-    "instruction_ids",  # token ids of the text after the visual tokens
-    "vit_cls",  # [CLS] hidden state of a ViT layer (of each candidate's tile)
-    "padding_fraction",  # share of a patch that is pad-to-square fill
-    "embed_tokens",  # the LLM's input embedding table
-    "transition",  # TransPrune's token transition variation over accumulation layers
-    "projector",  # the projector as a callable
-    "grid",  # (group, row, col) of each candidate in its image / frame grid
-    "prompt_positions",  # index of each candidate in its unpadded prompt
-)
+#: Every signal a method may read, in the order of the signal table (vtprune.signals.SIGNAL_TABLE).
+SIGNALS: tuple[str, ...] = tuple(SIGNAL_TABLE)
 
 
 @dataclass

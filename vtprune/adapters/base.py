@@ -1,6 +1,6 @@
 """What every model adapter knows: where the parts of one HF VLM family are and how its image tokens
-are laid out. The shared hook machinery lives in :mod:`vtprune.adapters.engine`; an adapter only answers
-family-specific questions (structure, visual-token layout, vision-tower signals)."""
+are laid out. The shared machinery lives in :mod:`vtprune.engine`; an adapter only answers family-specific
+questions (structure, visual-token layout, vision-tower signals, how its language model's inputs are cut)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+
+from vtprune.engine.sequence import cut_llm_input, decode_mask
+from vtprune.signals import SOURCES
 
 
 @dataclass
@@ -57,14 +60,6 @@ class VisionRecord:
     meta: dict[str, Any] = field(default_factory=dict)  # adapter-specific (e.g. Qwen2.5-VL window order)
 
 
-# Signals the shared engine supplies for every decoder-only VLM; adapters add their vision-tower ones.
-LLM_SIGNALS = frozenset({
-    "tokens", "projected", "instruction", "instruction_ids", "text_attention", "hidden_prev", "prev_queries",
-    "prev_keys", "text_tokens", "final_norm", "embed_tokens", "transition", "grid", "projector",
-    "padding_fraction", "prompt_positions",
-})
-
-
 class Adapter:
     """Family-specific knowledge. Subclasses set the class variables and override what differs."""
 
@@ -77,7 +72,8 @@ class Adapter:
     # the feature call returns tiles, and an image is a contiguous run of placeholders (InternVL)
     images_are_runs: ClassVar[bool] = False
     stages: ClassVar[frozenset[str]] = frozenset({"vision", "input", "layer"})
-    signals: ClassVar[frozenset[str]] = frozenset()
+    # capture sources (vtprune.signals.SOURCES) this family's hooks can serve; [CLS]-only signals also need has_cls
+    sources: ClassVar[frozenset[str]] = frozenset(SOURCES)
     has_cls: ClassVar[bool] = False
     mrope: ClassVar[bool] = False  # multi-row (M-RoPE) position ids
     tested_transformers: ClassVar[str] = "5.19 ... 5.25"  # the range CI runs (vtprune/compat.py)
@@ -212,6 +208,37 @@ class Adapter:
     def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         """A layout when no feature call was seen (features passed in precomputed)."""
         return None
+
+    # ------------------------------------------------------------------ cutting the language model's inputs
+    def takes_mask(self, mask: Any) -> bool:
+        """Whether the language model's ``attention_mask`` in prefill is one vtprune can cut (default: 2-D)."""
+        return torch.is_tensor(mask) and mask.dim() == 2
+
+    def padding_mask(self, mask: Any, embeds: torch.Tensor) -> torch.Tensor:
+        """(B, L) long padding mask of the LLM input (ones when the caller gave none)."""
+        if mask is None:
+            return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return mask.long()
+
+    def cut_llm_input(self, embeds: torch.Tensor, kwargs: dict, index: torch.Tensor, valid: torch.Tensor,
+                      mask0: torch.Tensor) -> dict[str, Any]:
+        """The language model's keyword arguments after keeping tokens ``index`` (B, L0) of its input
+        (``valid`` (B, L0): False on padding slots) in prefill. ``embeds`` (B, L, D): the input embeddings
+        (merged values written in); ``mask0`` (B, L): the 2-D padding mask (ones when the caller gave none).
+        Default: embeddings, the 2-D mask and position ids (1-D or M-RoPE rows, kept ORIGINAL) in one gather,
+        plus :meth:`extra_lm_inputs`. Override for a family whose LLM takes other sequence-aligned inputs."""
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[:2])
+        new = cut_llm_input(embeds, index, valid, mask0, positions, kwargs.get("attention_mask"))
+        new.update(self.extra_lm_inputs(kwargs, index, valid))
+        return new
+
+    def cut_decode_mask(self, mask: Any, base_mask: torch.Tensor, orig_len: int, has_pads: bool,
+                        new_tokens: int) -> Any:
+        """The attention mask of a decode step over a cache holding the kept prompt tokens (``base_mask``
+        (B, L0)) and ``new_tokens`` since. Default: the 2-D mask generate() keeps for the full sequence."""
+        return decode_mask(mask, base_mask, orig_len, has_pads, new_tokens)
 
     def extra_lm_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         """Sequence-aligned LLM kwargs to cut beyond embeddings / mask / positions (e.g. DeepStack)."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import LLM_SIGNALS, Adapter, ImageLayout, VisionRecord
+from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 
 
 def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tensor:
@@ -27,7 +27,6 @@ def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tenso
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
-    signals = LLM_SIGNALS | {"vit_features", "vit_keys", "vit_cls", "cls_attention", "received_attention"}
 
     @property
     def has_cls(self) -> bool:  # type: ignore[override]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import LLM_SIGNALS, Adapter, ImageLayout, VisionRecord
+from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 
 
 _BLOCK_ELEMENTS = 1 << 21  # attention probabilities held at once by received_attention (8 MB in float32)
@@ -40,7 +40,6 @@ class Qwen2VLAdapter(Adapter):
                   "video": ("get_video_features", "video_token_id")}
     derives_decode_positions = True
     mrope = True
-    signals = LLM_SIGNALS | {"vit_features", "vit_keys", "received_attention"}
 
     @property
     def projector(self) -> nn.Module:

@@ -89,8 +89,15 @@ class Method:
         return self.requires
 
     def transition_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Decoder layers whose sub-layer transitions the ``transition`` signal accumulates."""
+        """Decoder layers whose sub-layers the ``transition`` signal accumulates :meth:`sublayer_statistic` over."""
         return ()
+
+    @staticmethod
+    def sublayer_statistic(x_in: torch.Tensor, x_out: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token statistics (name -> (B, L)) of one sub-layer of a ``transition_layers`` layer, from its normed
+        input x_in (B, L, D), its output before the residual add x_out (B, L, D) and the row's real tokens
+        attend (B, L); the ``transition(name)`` signal sums them over those layers below the step's layer."""
+        raise NotImplementedError
 
     def resolve(self, num_layers: int) -> Method:
         """This method with model-dependent defaults filled in (e.g. layers scaled to the depth)."""

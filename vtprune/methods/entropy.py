@@ -97,7 +97,7 @@ def entropy_profile(model: torch.nn.Module, batches: list[dict]) -> dict:
     """Per decoder layer, the matrix entropy of the visual tokens' input representations (global, averaged
     over samples) and the mean per-token query entropy EntropyPrune scores with; and the suggested layer.
     Reads hidden states only (no attention maps); the model is not modified."""
-    from vtprune.adapters.sequence import apply_rope
+    from vtprune.engine.sequence import apply_rope
     from vtprune.api import _resolve_adapter
 
     adapter = _resolve_adapter(model)

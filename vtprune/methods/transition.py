@@ -38,6 +38,17 @@ from vtprune.registry import METHODS
 REF_LAYERS, REF_FRACTIONS, REF_DEPTH = (7, 9, 12), (0.875, 0.625, 0.125), 32
 
 
+def token_transition(x_in: torch.Tensor, x_out: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TTV of one sub-layer for every token: x_in (B, L, D) its normed input, x_out (B, L, D) its output before
+    the residual add, attend (B, L) bool the row's real tokens. Returns (B, L) per direction term: ``"cos"``
+    (1 - cos, the official code) and ``"abs"`` (1 - |cos|, the paper): |x_out| / |x_in| * softmax_row(term)."""
+    x_in, x_out = x_in.float(), x_out.float()
+    magnitude = x_out.norm(dim=-1) / x_in.norm(dim=-1).clamp(min=1e-12)  # (B, L)
+    cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)  # (B, L)
+    return {name: magnitude * term.masked_fill(~attend, float("-inf")).softmax(-1)
+            for name, term in (("cos", 1 - cos), ("abs", 1 - cos.abs()))}
+
+
 @METHODS.register("transition", aliases=("transprune",))
 @dataclass(frozen=True, kw_only=True)
 class TransPrune(ScoreMethod):
@@ -87,6 +98,10 @@ class TransPrune(ScoreMethod):
 
     def transition_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(self.accumulate or ())
+
+    @staticmethod
+    def sublayer_statistic(x_in: torch.Tensor, x_out: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
+        return token_transition(x_in, x_out, attend)
 
     def keep_count(self, budget: Budget, n: int, n0: int, num_layers: int, layer: int | None) -> int:
         if budget.is_identity:

@@ -10,30 +10,27 @@ LLM tokens by the adapter.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import VisionRecord
-from vtprune.adapters.sequence import apply_rope, take
+from vtprune.adapters.base import Adapter, VisionRecord
+from vtprune.engine.sequence import apply_rope, take
+from vtprune.engine.state import Forward, IndexMap, Step
 from vtprune.kernels import attention_rows
 from vtprune.signals import Signals
-
-if TYPE_CHECKING:
-    from vtprune.adapters.engine import Engine, Forward, IndexMap, Step
 
 
 class StageView:
     """The :class:`~vtprune.signals.SignalSource` of one step: computes signals in its coordinates."""
 
-    def __init__(self, engine: Engine, fwd: Forward, step: Step, orig: torch.Tensor, tokens: torch.Tensor | None,
+    def __init__(self, adapter: Adapter, fwd: Forward, step: Step, orig: torch.Tensor, tokens: torch.Tensor | None,
                  local: torch.Tensor | None, prev: IndexMap | None, cur: IndexMap,
                  layer_kwargs: dict | None) -> None:
-        self.engine, self.fwd, self.step, self.orig, self.tokens = engine, fwd, step, orig, tokens
+        self.adapter, self.fwd, self.step, self.orig, self.tokens = adapter, fwd, step, orig, tokens
         self.local, self.prev = local, prev  # layer steps: current slot -> captured slot; captured coords map
         self.cur, self.layer_kwargs = cur, layer_kwargs  # the current map; layer K's kwargs (base coordinates)
-        self.adapter = engine.adapter
 
     def _captured(self, sig: Signals) -> torch.Tensor:
         """(S, N) slots of the candidates in the coordinates where layer K-1 was captured."""
@@ -105,7 +102,7 @@ class StageView:
                 cos, sin = (t.expand(x.shape[0], *t.shape[1:]) for t in cap["pe"])  # (1, L, d) when unpadded
                 self.fwd.cache[key] = {"attn": self.adapter.decoder_layers[K - 1].self_attn, "x": x,
                                        "cos": cos, "sin": sin, "keys": keys,
-                                       "attend": self.engine._attend(self.fwd, m).to(x.device),
+                                       "attend": self.fwd.attend(m).to(x.device),
                                        "orig": self.fwd.base.index.clamp(min=0).gather(1, m.index.clamp(min=0))}
             ctx = dict(self.fwd.cache[key])
             ctx["slots"] = self._captured
@@ -119,7 +116,7 @@ class StageView:
         index = cur.index.clamp(min=0)
         cos, sin = (take(t, index) for t in pe)
         return {"attn": layer.self_attn, "x": x, "cos": cos, "sin": sin, "keys": None,
-                "attend": self.engine._attend(self.fwd, cur).to(x.device),
+                "attend": self.fwd.attend(cur).to(x.device),
                 "orig": self.orig, "slots": lambda sig: sig.positions}
 
     @staticmethod
@@ -218,7 +215,7 @@ class StageView:
             orig = torch.arange(attend.shape[1], device=attend.device).expand_as(attend)
             idx, ok = self._after_span(sig, attend, orig, self._orig_of(sig))
             return self.fwd.embeds[sig.rows[:, None], idx], ok
-        attend = self.engine._attend(self.fwd, self.cur)
+        attend = self.fwd.attend(self.cur)
         idx, ok = self._after_span(sig, attend, self.orig, sig.positions)
         return self.tokens[sig.rows[:, None], idx.to(self.tokens.device)], ok
 
@@ -316,16 +313,17 @@ class StageView:
         return self.adapter.language_model.get_input_embeddings()
 
     def _sig_transition(self, sig: Signals, direction: str = "cos") -> torch.Tensor:
-        """(S, N) TransPrune's token transition variation accumulated over the captured layers below K."""
+        """(S, N) the method's sub-layer statistic ``direction`` summed over its accumulation layers below K
+        (TransPrune's token transition variation)."""
         K = self.step.layer
         total = None
         for (kind, l), parts in self.fwd.captures.items():
-            if kind != "transition" or K is None or l >= K:
+            if kind != "sublayers" or K is None or l >= K:
                 continue
-            ttv = parts[("attn", direction)] + parts[("mlp", direction)]  # (B, L0)
-            total = ttv if total is None else total + ttv
+            value = parts[("attn", direction)] + parts[("mlp", direction)]  # (B, L0)
+            total = value if total is None else total + value
         if total is None:
-            raise RuntimeError("no transition variation was captured below this layer (check accumulate layers)")
+            raise RuntimeError("no sub-layer statistic was captured below this layer (check accumulate layers)")
         base = self.cur.index.clamp(min=0)[sig.rows[:, None], sig.positions]  # (S, N) LLM-input slots
         return total.to(sig.device)[sig.rows[:, None], base]
 

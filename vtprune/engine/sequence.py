@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from vtprune.kernels import gather_sequence
+
 
 def take(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Gather ``x`` along ``dim`` with a (B, L') index broadcast over the trailing dims (and over a
@@ -84,3 +86,37 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, d) with cos/sin (B, T, d): the rotate-half RoPE every supported LLM uses."""
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def kept_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool -> (order (B, L'), valid (B, L')): the kept slots of every row in order, rows left-padded
+    with dropped ones (valid False) to the longest row (a stable sort puts False first)."""
+    new_len = int(keep.sum(1).max())
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - new_len :]
+    return order, keep.gather(1, order)
+
+
+def cut_llm_input(embeds: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, mask0: torch.Tensor,
+                  positions: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+    """The 2-D language-model inputs of the kept tokens, in one fused gather (vtprune.kernels): embeddings
+    (B, L0, D), the padding mask (B, L0) in the caller's dtype (int64 when the caller gave none) and position ids
+    (B, L0) or (R, B, L0)."""
+    out = gather_sequence(embeds, index, valid, position_ids=positions, attention_mask=mask0)
+    return {"inputs_embeds": out.hidden, "position_ids": out.position_ids,
+            "attention_mask": out.attention_mask if mask is None else out.attention_mask.to(mask.dtype)}
+
+
+def decode_mask(mask: torch.Tensor | None, base_mask: torch.Tensor, orig_len: int, has_pads: bool,
+                new_tokens: int) -> torch.Tensor | None:
+    """The 2-D mask of a decode step over the pruned cache: the kept prefix's mask, then the caller's mask of
+    the tokens after the prompt (``mask`` is the full-length mask generate() keeps; None without padding)."""
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[1] < orig_len:
+            raise NotImplementedError(
+                f"decode step got an attention_mask of shape {tuple(mask.shape)}; vtprune expects the 2-D mask of the "
+                f"full (unpruned) sequence, at least {orig_len} long")
+        return torch.cat([base_mask.to(mask.dtype), mask[:, orig_len:]], dim=1)
+    if has_pads:
+        ones = torch.ones(base_mask.shape[0], new_tokens, dtype=base_mask.dtype, device=base_mask.device)
+        return torch.cat([base_mask, ones], dim=1)
+    return None
