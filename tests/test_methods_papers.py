@@ -14,7 +14,8 @@ import vtprune
 from cases import rows_for
 from vtprune.methods.coverage import greedy_coverage, vision_coverage
 from vtprune.methods.dart import DART
-from vtprune.methods.debiased_attention import FASTV_SHIPPED, calibrate, fit_trend, trend_weights
+from vtprune.calibration import debiased_attention as calibrate
+from vtprune.methods.debiased_attention import FASTV_SHIPPED, fit_trend, trend_weights
 from vtprune.methods.entropy import matrix_entropy
 from vtprune.methods.kcenter import max_sum_diverse
 from vtprune.methods.mmr import mmr, normalise
@@ -156,11 +157,11 @@ def test_zeroth_order_closed_form_is_the_frobenius_norm_of_the_projector_jacobia
 def test_zeroth_order_closed_form_on_every_supported_projector(family):
     """The closed form against the exact Jacobian of each family's own projector, as the adapter hands it
     over (Qwen: LayerNorm / RMSNorm per merged patch; InternVL: LayerNorm on the row)."""
-    from vtprune.api import _resolve_adapter
+    from vtprune.api import adapter_for
     from vtprune.testing import tiny
 
     model = tiny.build(family).eval()
-    proj = _resolve_adapter(model).projector_fn()
+    proj = adapter_for(model).projector_fn()
     parts = mlp_parts(proj)
     assert parts is not None
     assert (parts.norm is None) == family.startswith("llava")
@@ -185,10 +186,11 @@ def test_zeroth_order_closed_form_ranks_like_sampled_directions_on_qwens_merger(
     overlap 55 / 55)."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
-    from vtprune.adapters.qwen2_vl import MergerFn
+    from vtprune.adapters.qwen2_vl import MergerFn, merger_parts
 
     torch.manual_seed(0)
-    merger = MergerFn(PatchMerger(dim=896, context_dim=320).eval(), 320)
+    module = PatchMerger(dim=896, context_dim=320).eval()
+    merger = MergerFn(module, 320, merger_parts(module))
     with torch.no_grad():
         merger.module.ln_q.weight.uniform_(0.5, 2.0)
         x = torch.randn(1, 576, 1280)
@@ -206,10 +208,14 @@ def test_zeroth_order_closed_form_ranks_like_the_sampled_reference():
     from transformers import LlavaConfig
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+    from vtprune.adapters.llava import projector_parts
+    from vtprune.signals import Projector
+
     torch.manual_seed(0)
     cfg = LlavaConfig(vision_config={"hidden_size": 256, "num_attention_heads": 4},
                       text_config={"hidden_size": 1024, "num_attention_heads": 8})
-    proj = LlavaMultiModalProjector(cfg).eval()
+    module = LlavaMultiModalProjector(cfg).eval()
+    proj = Projector(module, projector_parts(module))  # what the LLaVA adapter hands over
     assert mlp_parts(proj) is not None
     x = torch.randn(1, 576, 256) * torch.rand(1, 576, 1) * 2  # tokens of different scales
     with torch.no_grad():
@@ -585,7 +591,8 @@ def test_prev_queries_keys_and_self_attention_match_eager():
 
 
 def test_entropy_collapse_calibration():
-    from vtprune.methods.entropy import collapse_layer, entropy_profile, global_matrix_entropy
+    from vtprune.calibration import entropy_profile
+    from vtprune.methods.entropy import collapse_layer, global_matrix_entropy
 
     assert collapse_layer([0.9, 0.88, 0.5, 0.45, 0.44]) == 2  # the big drop happens in layer 1
     g = torch.Generator().manual_seed(0)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "prune": "vtprune.api",
     "PruneHandle": "vtprune.api",
     "handle_of": "vtprune.api",
+    "adapter_for": "vtprune.api",
     "method": "vtprune.api",
     "list_methods": "vtprune.api",
     "list_models": "vtprune.api",
@@ -32,7 +33,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from vtprune.api import PruneHandle, handle_of, list_methods, list_models, method, prune
+    from vtprune.api import PruneHandle, adapter_for, handle_of, list_methods, list_models, method, prune
     from vtprune.budget import Budget
     from vtprune.methods.base import Method, ScoreMethod, Selection
     from vtprune.registry import ADAPTERS, METHODS

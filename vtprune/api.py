@@ -152,7 +152,9 @@ def list_models() -> list[dict[str, Any]]:
     return out
 
 
-def _resolve_adapter(model: nn.Module) -> Adapter:
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family (where its parts are, how its visual tokens are laid out); raises for
+    unsupported models, listing the supported classes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune() needs a transformers model (nn.Module), got {type(model).__name__}")
     for name in ADAPTERS.names():
@@ -260,7 +262,7 @@ def prune(
     check_policy(budget)
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(map(repr, POSITIONS))}")
-    adapter = _resolve_adapter(model)
+    adapter = adapter_for(model)
     impl = adapter.attn_implementation()
     if impl.startswith("flex"):
         raise ValueError(f"attn_implementation={impl!r} is not supported (its BlockMask cannot be cut); use sdpa, "
@@ -293,4 +295,5 @@ def prune(
     return handle
 
 
-__all__ = ["POLICIES", "POSITIONS", "PruneHandle", "handle_of", "list_methods", "list_models", "method", "prune"]
+__all__ = ["POLICIES", "POSITIONS", "PruneHandle", "adapter_for", "handle_of", "list_methods", "list_models", "method",
+           "prune"]

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_video_qa(args)
     elif args.command == "calibrate-entropy":
-        from vtprune.methods.entropy import entropy_profile
+        from vtprune.calibration import entropy_profile
 
         model, batches = _calibration_inputs(args)
         report = entropy_profile(model, batches)

@@ -70,6 +70,29 @@ SIGNAL_TABLE: dict[str, SignalSpec] = {
 assert all(spec.source in SOURCES for spec in SIGNAL_TABLE.values())
 
 
+@dataclass(frozen=True)
+class ProjectorMLP:
+    """The structure of a projector M(x) = lin2(act(lin1(norm(x)))), as a family's adapter knows it: ``norm`` is
+    None, a LayerNorm or an RMSNorm applied to every consecutive group of ``norm.weight.numel()`` features (Qwen's
+    merger normalises each of the merge^2 patches of a merged row; InternVL the whole row)."""
+
+    lin1: Any
+    act: Any
+    lin2: Any
+    norm: Any = None
+
+
+class Projector:
+    """The ``projector`` signal: a callable on (..., Dfeat) vision features, with its :class:`ProjectorMLP`
+    structure when the adapter knows it (``parts``; None otherwise)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], parts: ProjectorMLP | None = None) -> None:
+        self.fn, self.parts = fn, parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 class SignalSource(Protocol):
     """What a host provides behind a :class:`Signals` view (the Hugging Face one: ``engine/view.py``)."""
 

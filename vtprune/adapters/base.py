@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from vtprune.engine.sequence import cut_llm_input, decode_mask
-from vtprune.signals import SOURCES
+from vtprune.signals import SOURCES, Projector, ProjectorMLP
 
 
 @dataclass
@@ -100,6 +100,10 @@ class Adapter:
     @property
     def num_layers(self) -> int:
         return len(self.decoder_layers)
+
+    def attention_layers(self) -> frozenset[int]:
+        """Decoder layers with softmax attention (in-LLM methods score from their q / k). Default: all."""
+        return frozenset(range(self.num_layers))
 
     @property
     def projector(self) -> nn.Module:
@@ -196,9 +200,15 @@ class Adapter:
         rows = (src // T) * P + (src % T) - (T - P)  # projector-input row of each ViT token
         return feats.reshape(-1, feats.shape[-1])[rows.to(feats.device)]
 
-    def projector_fn(self) -> Any:
-        """The projector as a callable on (..., Dfeat) vision features (see ``vit_feature_rows``)."""
-        return self.projector
+    def projector_fn(self) -> Projector:
+        """The projector as a callable on (..., Dfeat) vision features (see ``vit_feature_rows``), with its
+        structure (:meth:`projector_parts`)."""
+        return Projector(self.projector, self.projector_parts())
+
+    def projector_parts(self) -> ProjectorMLP | None:
+        """The projector's [norm ->] Linear -> activation -> Linear structure (zeroth_order's closed form), or
+        None when it is something else."""
+        return None
 
     # ------------------------------------------------------------------ layout
     def image_layouts(self, modality: str, args: tuple, kwargs: dict, output: Any, record: VisionRecord) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
+from vtprune.signals import ProjectorMLP
 
 
 def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tensor:
@@ -24,6 +25,14 @@ def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tenso
     return y.view(n, T, attn.num_heads, -1).transpose(1, 2)
 
 
+def projector_parts(p: nn.Module) -> ProjectorMLP | None:
+    """The structure of LLaVA's projector (``linear_1, act, linear_2``; NeXT / OneVision / NeXT-Video alike) and
+    InternVL's (``layer_norm`` first)."""
+    if all(hasattr(p, n) for n in ("linear_1", "act", "linear_2")):
+        return ProjectorMLP(p.linear_1, p.act, p.linear_2, getattr(p, "layer_norm", None))
+    return None
+
+
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
@@ -31,6 +40,9 @@ class LlavaAdapter(Adapter):
     @property
     def has_cls(self) -> bool:  # type: ignore[override]
         return self.config.vision_config.model_type == "clip_vision_model"
+
+    def projector_parts(self) -> ProjectorMLP | None:
+        return projector_parts(self.projector)
 
     def vit_layers(self) -> nn.ModuleList:
         tower = self.vision_tower

@@ -17,16 +17,28 @@ import torch
 import torch.nn as nn
 
 from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
+from vtprune.signals import Projector, ProjectorMLP
 
 
 _BLOCK_ELEMENTS = 1 << 21  # attention probabilities held at once by received_attention (8 MB in float32)
 
 
-class MergerFn:
-    """A Qwen merger as a function of merged rows: (..., merge^2 * Dv) -> (..., D). ``module`` exposes its
-    structure (norm -> Linear -> GELU -> Linear) to methods that use it (zeroth_order's closed form)."""
+def merger_parts(m: nn.Module) -> ProjectorMLP | None:
+    """The structure of a Qwen merger: Qwen2/2.5-VL ``ln_q -> mlp[Linear, GELU, Linear]`` (the norm on each
+    patch of a merged row), Qwen3-VL ``norm, linear_fc1, act_fn, linear_fc2``."""
+    if hasattr(m, "ln_q") and isinstance(getattr(m, "mlp", None), nn.Sequential) and len(m.mlp) == 3:
+        return ProjectorMLP(m.mlp[0], m.mlp[1], m.mlp[2], m.ln_q)
+    if all(hasattr(m, n) for n in ("norm", "linear_fc1", "act_fn", "linear_fc2")):
+        return ProjectorMLP(m.linear_fc1, m.act_fn, m.linear_fc2, m.norm)
+    return None
 
-    def __init__(self, module: nn.Module, dv: int) -> None:
+
+class MergerFn(Projector):
+    """A Qwen merger as a function of merged rows: (..., merge^2 * Dv) -> (..., D), with its structure (a norm
+    on each patch -> Linear -> GELU -> Linear) for zeroth_order's closed form."""
+
+    def __init__(self, module: nn.Module, dv: int, parts: ProjectorMLP | None) -> None:
+        super().__init__(module, parts)
         self.module, self.dv = module, dv
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,4 +147,8 @@ class Qwen2VLAdapter(Adapter):
 
     def projector_fn(self) -> Any:
         vc = self.config.vision_config
-        return MergerFn(self.projector, vc.embed_dim if hasattr(vc, "embed_dim") else vc.hidden_size)
+        return MergerFn(self.projector, vc.embed_dim if hasattr(vc, "embed_dim") else vc.hidden_size,
+                        self.projector_parts())
+
+    def projector_parts(self) -> ProjectorMLP | None:
+        return merger_parts(self.projector)

@@ -30,7 +30,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
 
     def projector_fn(self) -> Any:
-        return MergerFn(self.projector, self.config.vision_config.hidden_size)
+        return MergerFn(self.projector, self.config.vision_config.hidden_size, self.projector_parts())
 
     def extra_lm_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         vis, embeds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")

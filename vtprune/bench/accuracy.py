@@ -51,7 +51,7 @@ def method_variants(model: torch.nn.Module, processor: Any, name: str, options: 
         return [vtprune.method("random", seed=s, **options) for s in range(random_seeds)]
     if name == "debiased_attention":
         if "debiased" not in cache:
-            from vtprune.methods.debiased_attention import calibrate
+            from vtprune.calibration import debiased_attention as calibrate
             from vtprune.synthetic.scenes import iter_samples
             from vtprune.synthetic.tokenizer import prompt
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 import vtprune
-from vtprune.api import _resolve_adapter
+from vtprune.api import adapter_for
 from vtprune.bench.proxies import PROXIES, Proxy, build_proxy, proxy_inputs
 from vtprune.budget import Budget
 from vtprune.compat import cache_out, with_cache
@@ -171,7 +171,7 @@ class Bench:
         self.model = build_proxy(proxy)
         self.inputs = proxy_inputs(self.model, self.proxy, images=images)
         self.policy, self.selection_only, self.warmup = policy, selection_only, warmup
-        self.adapter = _resolve_adapter(self.model)
+        self.adapter = adapter_for(self.model)
         self.methods = methods if methods is not None else BENCH_METHODS
         self.budgets = budgets
         self.reps, self.decode_steps, self.generate_tokens = reps, decode_steps, generate_tokens

@@ -121,9 +121,9 @@ class PrefillClock:
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision encoder of a model vtprune supports (None for any other model)."""
-    from vtprune.api import _resolve_adapter
+    from vtprune.api import adapter_for
 
     try:
-        return _resolve_adapter(model).vision_tower
+        return adapter_for(model).vision_tower
     except (TypeError, ValueError, AttributeError):
         return None

@@ -5,7 +5,7 @@ intcomp/attention-bias (patches for FastV, SparseVLM, PyramidDrop, HiMAP, TokenC
 
 Text-to-image attention grows with the image token's position (later tokens sit closer to the text), so an
 attention-scored pruner keeps the bottom of the image. The trend f(x) of the host's score along the token's
-relative position x = i / N is fitted on the model's own attention (``calibrate``); scores are multiplied by
+relative position x = i / N is fitted on the model's own attention (``vtprune.calibration``); scores are multiplied by
 w(x) = f(0) / f(x) before the top-k, and pad-to-square patches (more than ``pad_threshold`` of the patch is
 fill) are ranked last; with ``sink=c``, so are attention-sink tokens (representation norm > c x the span's
 median: ViT high-norm artefacts at the vision stage, massive-activation tokens in the LLM).
@@ -15,8 +15,8 @@ median: ViT high-norm artefacts at the vision stage, massive-activation tokens i
 
 Curves, in order of faithfulness:
 
-* ``calibrate(model, batches)``: the trend fitted on the model in use (the paper's procedure) -- the faithful
-  path for any model, host and image size.
+* ``vtprune.calibration.debiased_attention(model, batches)``: the trend fitted on the model in use (the
+  paper's procedure) -- the faithful path for any model, host and image size.
 * ``coef=...``: a curve you have.
 * the default (no ``coef``): with the FastV host, the curve the reference ships for FastV
   (``playground/data/weight/FastV/weight.npy``: w_i = 1 / (1 + 1.73675 x - 4.84324 x^2 + 4.90965 x^3) at
@@ -25,7 +25,7 @@ Curves, in order of faithfulness:
   Hosts for which the reference ships no curve default to ``trend="none"`` (padding suppression only).
 
 Differences from the reference:
-  * Curves are fitted here, per model, on inputs the user gives (``calibrate``), or default to the
+  * Curves are fitted here, per model, on inputs the user gives (``vtprune.calibration``), or default to the
     reference's FastV file; the reference ships per-method, per-benchmark weight files with no fitting
     script (possibly fitted on the test split).
   * x is the token's rank in its span over the span's length, so a curve transfers across image sizes
@@ -40,9 +40,8 @@ Differences from the reference:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -141,7 +140,7 @@ class DebiasedAttention(ScoreMethod):
         if self.trend != "none" and self.coef is None:
             raise ValueError(
                 f"debiased_attention: trend={self.trend!r} needs its coefficients: run "
-                "vtprune.methods.debiased_attention.calibrate(model, batches), pass coef=..., or leave trend unset "
+                "vtprune.calibration.debiased_attention(model, batches), pass coef=..., or leave trend unset "
                 "(the host's default curve)"
             )
         if self.sink is not None and not self.sink > 1:
@@ -188,49 +187,3 @@ class DebiasedAttention(ScoreMethod):
         out = super().to_dict()
         out.pop("_host", None)
         return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Recorder(Method):
-    """Keeps everything and records the host's normalised scores by relative position (calibration)."""
-
-    name: ClassVar[str] = "debias_recorder"
-    gate: ClassVar[bool] = True
-    host_method: Any = None
-    points: list = field(default_factory=list, compare=False)
-
-    def required_signals(self, has_cls: bool) -> frozenset[str]:
-        return self.host_method.required_signals(has_cls)
-
-    def keep_count(self, budget, n, n0, num_layers, layer):
-        return n  # records, never prunes
-
-    def select(self, sig: Signals, k: int) -> torch.Tensor:
-        s = self.host_method.score(sig).float()  # (S, N)
-        s = s / s.sum(-1, keepdim=True).clamp(min=1e-12)  # per span, so long and short prompts weigh alike
-        n = s.shape[-1]
-        self.points.append(((torch.arange(n) / n).expand(s.shape[0], n).reshape(-1), s.cpu().reshape(-1)))
-        return torch.arange(k, device=sig.device).expand(sig.num_spans, k)
-
-
-def calibrate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], host: str = "fastv",
-              trend: str = "exp", host_options: dict | None = None, **kwargs: Any) -> DebiasedAttention:
-    """Fit the positional trend of ``host``'s scores on ``model`` over the given input batches (dicts of
-    model inputs) and return the ready ``debiased_attention`` method."""
-    import vtprune
-
-    base = DebiasedAttention(host=host, host_options=dict(host_options or {}), trend="none", coef=None, **kwargs)
-    recorder = _Recorder(host_method=base._host, layer=base.layer)
-    object.__setattr__(recorder, "stage", base.stage)
-    object.__setattr__(recorder, "layer_ok", base.layer_ok)
-    object.__setattr__(recorder, "pre_llm_ok", base.pre_llm_ok)
-    with vtprune.prune(model, recorder, ratio=0.5):  # a gate keeping every token: the model runs unpruned
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
-    if not recorder.points:
-        raise ValueError("calibrate: no visual tokens were seen in the given batches")
-    x = torch.cat([p[0] for p in recorder.points])
-    y = torch.cat([p[1] for p in recorder.points])
-    coef = None if trend == "none" else fit_trend(x, y, trend)
-    return dataclasses.replace(base, trend=trend, coef=coef)

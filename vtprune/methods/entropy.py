@@ -74,7 +74,7 @@ class EntropyPrune(ScoreMethod):
         return matrix_entropy(sig.prev_queries)  # (S, N)
 
 
-# ---------------------------------------------------------------------------------------------- calibration
+# ---------------------------------------------------------------------------------------------- whole-model entropy
 def global_matrix_entropy(x: torch.Tensor) -> float:
     """Matrix (von Neumann) entropy of token representations x (N, D): rows L2-normalised, the trace-one
     Gram X X^T / N eigen-decomposed (its spectrum equals the covariance's), divided by ln min(N, D)."""
@@ -90,54 +90,3 @@ def collapse_layer(curve: list[float]) -> int:
     l-1 and l happens in layer l-1; EntropyPrune then prunes at the input of layer l (its ``layer=l``)."""
     drops = [curve[l - 1] - curve[l] for l in range(1, len(curve))]
     return 1 + max(range(len(drops)), key=lambda i: (drops[i], -i))
-
-
-@torch.no_grad()
-def entropy_profile(model: torch.nn.Module, batches: list[dict]) -> dict:
-    """Per decoder layer, the matrix entropy of the visual tokens' input representations (global, averaged
-    over samples) and the mean per-token query entropy EntropyPrune scores with; and the suggested layer.
-    Reads hidden states only (no attention maps); the model is not modified."""
-    from vtprune.engine.sequence import apply_rope
-    from vtprune.api import _resolve_adapter
-
-    adapter = _resolve_adapter(model)
-    layers = adapter.decoder_layers
-    token_ids = [adapter.token_id(m) for m in adapter.modalities]
-    caps: dict[int, dict] = {}
-
-    def grab(l: int):
-        def hook(module, args, kwargs):
-            caps[l] = {"x": kwargs["hidden_states"], "pe": kwargs["position_embeddings"]}
-        return hook
-
-    handles = [layer.self_attn.register_forward_pre_hook(grab(l), with_kwargs=True) for l, layer in enumerate(layers)]
-    global_curve = torch.zeros(len(layers) + 1, dtype=torch.float64)
-    token_curve = torch.zeros(len(layers), dtype=torch.float64)
-    n = 0
-    try:
-        for batch in batches:
-            out = model(**batch, output_hidden_states=True)
-            visual = torch.isin(batch["input_ids"], torch.tensor(token_ids, device=batch["input_ids"].device))
-            for b in range(visual.shape[0]):
-                if not bool(visual[b].any()):
-                    continue
-                n += 1
-                for l, h in enumerate(out.hidden_states):
-                    global_curve[l] += global_matrix_entropy(h[b][visual[b]])
-                for l, cap in caps.items():
-                    attn = layers[l].self_attn
-                    x = cap["x"][b : b + 1][:, visual[b]]
-                    cos, sin = (t.expand(visual.shape[0], *t.shape[1:])[b : b + 1][:, visual[b]] for t in cap["pe"])
-                    q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim)
-                    if hasattr(attn, "q_norm"):
-                        q = attn.q_norm(q)
-                    q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)  # (1, N, H, d) post-RoPE
-                    token_curve[l] += float(matrix_entropy(q).mean())
-    finally:
-        for h in handles:
-            h.remove()
-    if n == 0:
-        raise ValueError("entropy_profile: no visual tokens in the given batches")
-    curve = (global_curve[: len(layers)] / n).tolist()  # entropy of the input of every decoder layer
-    return {"samples": n, "global": curve, "per_token": (token_curve / n).tolist(),
-            "layer": collapse_layer(curve)}

@@ -64,7 +64,7 @@ from torch import nn
 
 from vtprune.methods.base import Method, check_finite
 from vtprune.methods.kcenter import cosine_distance
-from vtprune.signals import Signals
+from vtprune.signals import ProjectorMLP, Signals
 from vtprune.registry import METHODS
 
 
@@ -96,18 +96,6 @@ def sensitivity(x: torch.Tensor, projector, u: torch.Tensor, h: float = 0.01, es
     return (total / u.shape[0]).reshape(S, N)
 
 
-@dataclass(frozen=True)
-class ProjectorMLP:
-    """A projector M(x) = lin2(act(lin1(norm(x)))): ``norm`` is None, a LayerNorm or an RMSNorm applied to
-    every consecutive group of ``norm.weight.numel()`` features (Qwen's merger normalises each of the
-    merge^2 patches of a merged row; InternVL the whole row)."""
-
-    lin1: nn.Linear
-    act: Any
-    lin2: nn.Linear
-    norm: nn.Module | None = None
-
-
 _RMS_NORMS = ("RMSNorm", "Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "LlamaRMSNorm")  # weight * x / rms(x), no offset
 
 
@@ -126,26 +114,14 @@ def _norm_eps(norm: nn.Module) -> float:
 
 
 def mlp_parts(projector: Any) -> ProjectorMLP | None:
-    """The :class:`ProjectorMLP` structure of ``projector``, else None. Recognised: LLaVA's projector
-    (``linear_1, act, linear_2``), InternVL's (``layer_norm`` first), Qwen2/2.5-VL's merger (``ln_q``,
-    ``mlp``), Qwen3-VL's (``norm, linear_fc1, act_fn, linear_fc2``), and ``nn.Sequential([norm,] Linear,
-    act, Linear)``; a callable with a ``module`` attribute (vtprune's Qwen ``MergerFn``) is looked through."""
-    if not isinstance(projector, nn.Module):
-        projector = getattr(projector, "module", None)
-        if not isinstance(projector, nn.Module):
-            return None
-    kids = dict(projector.named_children())
-    get = lambda *names: tuple(kids.get(n) for n in names)  # noqa: E731
-    if isinstance(projector, nn.Sequential) and len(projector) in (3, 4):
+    """The :class:`~vtprune.signals.ProjectorMLP` structure of ``projector``, else None: what the model's adapter
+    says (the ``projector`` signal's ``parts``), or ``nn.Sequential([norm,] Linear, act, Linear)`` for a plain
+    module. Structures the closed form cannot handle (a parametrised activation, an unknown norm) give None."""
+    parts = getattr(projector, "parts", None)
+    if parts is not None:
+        parts = (parts.norm, parts.lin1, parts.act, parts.lin2)
+    elif isinstance(projector, nn.Sequential) and len(projector) in (3, 4):
         parts = tuple(projector) if len(projector) == 4 else (None, *projector)
-    elif set(kids) == {"linear_1", "act", "linear_2"}:
-        parts = (None, *get("linear_1", "act", "linear_2"))
-    elif set(kids) == {"layer_norm", "linear_1", "act", "linear_2"}:
-        parts = get("layer_norm", "linear_1", "act", "linear_2")
-    elif set(kids) == {"ln_q", "mlp"} and isinstance(kids["mlp"], nn.Sequential) and len(kids["mlp"]) == 3:
-        parts = (kids["ln_q"], *kids["mlp"])
-    elif set(kids) == {"norm", "linear_fc1", "act_fn", "linear_fc2"}:
-        parts = get("norm", "linear_fc1", "act_fn", "linear_fc2")
     else:
         return None
     norm, lin1, act, lin2 = parts
