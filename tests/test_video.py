@@ -222,7 +222,7 @@ def test_scoring():
     assert qa.score({"answer": "Three objects", "options": None}, "three objects.")[1]
     assert qa.score({"answer": "3", "options": None}, "Three")[1]
     assert qa.parse_kv(["seed=1", "variant=todre", "layers=(7, 9)"]) == {"seed": 1, "variant": "todre",
-                                                                       "layers": (7, 9)}
+                                                                       "layers": [7, 9]}  # cast by the field
 
 
 def test_script_runs_offline_and_resumes(synthetic, tmp_path):

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="speed / memory / FLOPs on width-faithful proxies (vtprune/bench/speed.py)")
     bench.add_argument("--proxy", nargs="+", default=["llava-1.5-7b", "qwen2-vl-7b"],
                        help="proxies: llava-1.5-7b, qwen2-vl-7b, tiny (CI smoke)")
-    bench.add_argument("--methods", nargs="*", help="registry names (default: every method)")
+    bench.add_argument("--methods", nargs="*", help="names or specs such as fastv:layer=2 (default: every method)")
     bench.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--out", default="out")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     acc = sub.add_parser("accuracy", help="accuracy of every method x budget on the offline synthetic VQA benchmark")
     acc.add_argument("--model", default=None, help="model directory (default: the shipped models/synthetic-llava)")
     acc.add_argument("--samples", type=int, default=500)
-    acc.add_argument("--methods", nargs="*", help="registry names (default: every method)")
+    acc.add_argument("--methods", nargs="*", help="names or specs such as fastv:layer=2 (default: every method)")
     acc.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64, 32, 16])
     acc.add_argument("--seeds", type=int, default=3, help="seeds averaged for random")
     acc.add_argument("--out", default="out")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         from vtprune.bench.speed import BENCH_METHODS, run as run_bench
 
-        methods = BENCH_METHODS if not args.methods else [(m, o) for m, o in BENCH_METHODS if m in args.methods]
+        methods = _selected(BENCH_METHODS, args.methods)
         if args.selection:
             from vtprune.bench.speed import selection
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "accuracy":
         from vtprune.bench.accuracy import ACC_METHODS, DEFAULT_MODEL, run as run_accuracy
 
-        methods = ACC_METHODS if not args.methods else [(m, o) for m, o in ACC_METHODS if m in args.methods]
+        methods = _selected(ACC_METHODS, args.methods)
         run_accuracy(args.model or DEFAULT_MODEL, n=args.samples, methods=methods, budgets=tuple(args.budgets),
                      random_seeds=args.seeds, out_dir=args.out)
     elif args.command == "video-qa":
@@ -104,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(vtprune.list_models(), indent=2))
     return 0
+
+
+def _selected(table: list[tuple[str, dict]], specs: list[str] | None) -> list[tuple[str, dict]]:
+    """The (name, options) rows a benchmark runs: the whole table, or per spec (vtprune.spec) its options, a bare
+    name taking the table's rows of that method (their curated options) or its defaults."""
+    if not specs:
+        return list(table)
+    from vtprune import spec
+
+    out = []
+    for text in specs:
+        name, options = spec.parse(text)
+        rows = [(n, o) for n, o in table if n == name] if not options else []
+        out += rows or [(name, options)]
+    return out
 
 
 def _calibration_inputs(args: argparse.Namespace) -> tuple:

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vtprune.spec import parse as spec_parse
+from vtprune.spec import parse_pairs, split_top
+
 REPO = Path(__file__).resolve().parent.parent
 #: Tasks shipped in this repository: name -> the task directory's utils.py (which can write a copy).
 LOCAL_TASKS: dict[str, Path] = {"synthetic_vqa": REPO / "eval" / "tasks" / "synthetic_vqa" / "utils.py"}
@@ -82,69 +85,23 @@ class SweepSpec:
 
 
 # ============================================================================ parsing
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside brackets, so ``transition:layer=[7,9,12]`` stays whole."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        depth += ch in "[({"
-        depth -= ch in "])}"
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_method(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``"fastv:layer=2:keep=64"`` or ``{"method": "fastv", "layer": 2, "keep": 64}`` -> the same
-    ``("fastv", {"layer": 2, "keep": 64})``."""
-    if isinstance(spec, dict):
-        opts = dict(spec)
-        name = opts.pop("method", None) or opts.pop("name", None)
-        if not name:
-            raise ValueError(f"a method entry needs method: <name>, got {spec!r}")
-        return str(name), opts
-    name, *pairs = _split_top(str(spec), ":")
-    opts = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
-        k, v = pair.split("=", 1)
-        opts[k.strip()] = _value(v)
-    return name, opts
+    ``("fastv", {"layer": 2, "keep": 64})`` (:mod:`vtprune.spec`)."""
+    return spec_parse(spec)
 
 
 def _numbers(text: str | Sequence[Any] | None, cast: type) -> list[Any]:
     if text is None:
         return []
-    items = _split_top(text, ",") if isinstance(text, str) else list(text)
+    items = split_top(text, ",") if isinstance(text, str) else list(text)
     return [cast(x) for x in items]
 
 
 def _model_args(value: str | dict[str, Any] | None) -> dict[str, Any]:
     if not value:
         return {}
-    if isinstance(value, dict):
-        return dict(value)
-    out = {}
-    for pair in _split_top(value, ","):
-        k, _, v = pair.partition("=")
-        out[k.strip()] = _value(v)
-    return out
+    return dict(value) if isinstance(value, dict) else parse_pairs(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +159,10 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     spec = SweepSpec()
     for key, value in raw.items():
         if key == "methods":
-            items = _split_top(value, ",") if isinstance(value, str) else list(value)
+            items = split_top(value, ",") if isinstance(value, str) else list(value)
             value = [parse_method(m) for m in items]
         elif key in ("tasks", "metrics"):
-            value = _split_top(value, ",") if isinstance(value, str) else [str(t) for t in value]
+            value = split_top(value, ",") if isinstance(value, str) else [str(t) for t in value]
         elif key == "ratios":
             value = _numbers(value, float)
         elif key == "keeps":

@@ -25,7 +25,6 @@ into the same directory is refused.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import os
@@ -36,6 +35,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from vtprune import spec
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -178,17 +179,11 @@ def _visual_placeholders(builder: Any, ids: Any) -> int:
 
 
 def parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
-    """["seed=1", "variant=todre"] -> {"seed": 1, "variant": "todre"} (values parsed as Python literals)."""
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ValueError(f"--method-arg expects KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v
-    return out
+    """["seed=1", "variant=todre"] -> {"seed": 1, "variant": "todre"} (values parsed by :mod:`vtprune.spec`)."""
+    try:
+        return spec.parse_pairs(pairs)
+    except ValueError as exc:
+        raise ValueError(f"--method-arg: {exc}") from None
 
 
 def _layers(text: str | None) -> int | tuple[int, ...] | None:
@@ -308,8 +303,9 @@ def _answer(args: argparse.Namespace, config: dict[str, Any], all_items: Sequenc
                                    seed=args.seed, frames=args.max_frames or args.frames)
     handle = None
     if args.method != "none":
-        handle = vtprune.prune(model, args.method, args.ratio, keep=args.keep, layer=_layers(args.layer),
-                               budget=args.budget, positions=args.positions, **parse_kv(args.method_arg))
+        method = spec.build(args.method, **parse_kv(args.method_arg))  # a name or a spec such as "fastv:layer=2"
+        handle = vtprune.prune(model, method, args.ratio, keep=args.keep, layer=_layers(args.layer),
+                               budget=args.budget, positions=args.positions)
     timer = PrefillClock(model)  # vision tower + selection + LLM prefill of each generate()
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -49,6 +49,7 @@ from vtprune.api import method as build_method
 from vtprune.bench.timing import PrefillClock
 from vtprune.budget import check_policy
 from vtprune.methods.base import Method
+from vtprune import spec
 from vtprune.registry import METHODS
 
 #: model_args that configure pruning rather than the model (a method's own fields come on top).
@@ -104,40 +105,9 @@ class PruneConfig:
                 "positions": self.positions}
 
 
-def _scalar(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """Turn a model_args value (lmms-eval already cast bool / int / float) into the field's type."""
-    if isinstance(value, str):
-        s = value.strip()
-        if s.lower() in ("none", "null"):
-            return None
-        if s[:1] in "[({":
-            try:  # lmms-eval keeps bracketed values whole, so layer=[7,9,12] arrives as one string
-                value = json.loads(s.replace("(", "[").replace(")", "]"))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{name}={value!r} is not valid JSON ({exc.msg})") from None
-        elif ";" in s:  # layer=7;9;12: a list without brackets (commas separate model_args)
-            value = [_scalar(x.strip()) for x in s.split(";") if x.strip()]
-    if isinstance(value, list) and (name == "layer" or "tuple" in annotation):
-        value = tuple(value)
-    if isinstance(value, float) and value.is_integer() and "int" in annotation and "float" not in annotation:
-        value = int(value)
-    return value
-
-
 def method_options(name: str) -> dict[str, str]:
     """The options of method ``name`` settable from model_args: field name -> annotation."""
-    cls = METHODS.get(name)
-    return {f.name: str(f.type) for f in dataclasses.fields(cls)
-            if f.init and not f.name.startswith("_") and f.name not in _INTERNAL_FIELDS}
+    return {k: v for k, v in spec.fields(name).items() if k not in _INTERNAL_FIELDS}
 
 
 def parse_model_args(kwargs: dict[str, Any], *, allowed: Collection[str] | None,
@@ -180,7 +150,10 @@ def parse_model_args(kwargs: dict[str, Any], *, allowed: Collection[str] | None,
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{owner}: {exc.args[0] if exc.args else exc}") from None
         for key in [k for k in kw if k in options]:
-            method_kw[key] = _coerce(key, kw.pop(key), options[key])
+            try:
+                method_kw[key] = spec.coerce(key, kw.pop(key), options[key])
+            except ValueError as exc:
+                raise ValueError(f"{owner}: {key}: {exc}") from None
 
     rest: dict[str, Any] = {}
     unknown: list[str] = []
