@@ -18,6 +18,8 @@ pytest.importorskip("av")
 import vtprune  # noqa: E402
 from vtprune import synthetic_video as SV  # noqa: E402
 from vtprune import video as V  # noqa: E402
+from vtprune.adapters.qwen2_vl import qwen_resize_hw  # noqa: E402
+from vtprune.adapters.qwen3_vl import qwen3_group_times  # noqa: E402
 from vtprune.budget import Budget  # noqa: E402
 from vtprune.testing.tiny import Row, build, make_inputs  # noqa: E402
 
@@ -137,11 +139,11 @@ def test_qwen_resize_matches_transformers():
     for h, w, t in zip(rng.integers(20, 1200, 60), rng.integers(20, 1200, 60), rng.integers(2, 64, 60)):
         h, w, t = int(h), int(w), int(t)
         lo, hi = 128 * 28 * 28, 768 * 28 * 28
-        assert V.qwen_resize_hw(h, w, factor=28, min_pixels=lo, max_pixels=hi) == per_frame(h, w, 28, lo, hi)
+        assert qwen_resize_hw(h, w, factor=28, min_pixels=lo, max_pixels=hi) == per_frame(h, w, 28, lo, hi)
         lo, hi = 128 * 32 * 32, 768 * 32 * 32
-        assert V.qwen_resize_hw(h, w, factor=32, min_pixels=lo, max_pixels=hi, num_frames=t) == per_clip(
+        assert qwen_resize_hw(h, w, factor=32, min_pixels=lo, max_pixels=hi, num_frames=t) == per_clip(
             t, h, w, temporal_factor=2, factor=32, min_pixels=lo, max_pixels=hi)
-    assert V.qwen3_group_times([0.0, 0.5, 1.0]) == [0.25, 1.0]  # last frame repeated to fill its patch
+    assert qwen3_group_times([0.0, 0.5, 1.0]) == [0.25, 1.0]  # last frame repeated to fill its patch
 
 
 def _frame_spans(handle) -> list:
@@ -167,7 +169,7 @@ def test_video_batch_keeps_per_frame_budgets(family):
         assert h.stats.visual_after == [sum(s.kept for s in spans if s.row == r) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("family", V.VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", V.video_families())
 def test_decoded_video_inputs_run_and_keep_per_frame_budgets(synthetic, family):
     item = json.loads((synthetic / "annotations.json").read_text())["items"][0]
     clip = V.load_video(synthetic / item["video"], num_frames=6)

@@ -186,7 +186,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
 # ============================================================================ running
 def settings_of(spec: SweepSpec) -> list[Any]:
     """The :class:`PruneConfig` of every run: baseline first, then each method x budget (validated)."""
-    from vtprune.integrations.lmms_eval import PruneConfig, parse_model_args
+    from vtprune.integrations.model_args import PruneConfig, parse_model_args
 
     out = [PruneConfig(None, spec.budget, spec.positions)] if spec.baseline else []
     for name, opts in spec.methods:

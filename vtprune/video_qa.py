@@ -155,8 +155,8 @@ def load_model(spec: str, items: Sequence[dict[str, Any]], *, dtype: str, attn: 
         from vtprune.testing import tiny
 
         family = spec.split(":", 1)[1]
-        if family not in V.VIDEO_FAMILIES:
-            raise ValueError(f"tiny:{family} takes no video; video families: {', '.join(V.VIDEO_FAMILIES)}")
+        if family not in V.video_families():
+            raise ValueError(f"tiny:{family} takes no video; video families: {', '.join(V.video_families())}")
         model = tiny.build(family, attn, seed=seed, dtype=torch_dtype).to(device)
         texts = [format_question(it) for it in items] + [it["answer"] for it in items]
         return model, V.tiny_builder(model, texts, frames=frames), f"tiny-{family}"

@@ -76,6 +76,7 @@ class Adapter:
     sources: ClassVar[frozenset[str]] = frozenset(SOURCES)
     has_cls: ClassVar[bool] = False
     mrope: ClassVar[bool] = False  # multi-row (M-RoPE) position ids
+    video: ClassVar[Any] = None  # the family's vtprune.video.inputs.VideoFormat, if its processors take videos
     tested_transformers: ClassVar[str] = "5.19 ... 5.25"  # the range CI runs (vtprune/compat.py)
 
     def __init__(self, model: nn.Module) -> None:
@@ -256,6 +257,31 @@ class Adapter:
 
     def install_extra(self, engine: Any, patcher: Any) -> None:
         """Family-specific hooks beyond the shared ones (e.g. Qwen3-VL's DeepStack injection)."""
+
+    # ------------------------------------------------------------------ tiny test models (vtprune.testing.tiny)
+    @classmethod
+    def tiny_config(cls, text_layers: int) -> tuple[Any, type]:
+        """(config, model class) of a tiny random model of this family (widths 32 / 64, 2-layer vision tower;
+        token ids from :mod:`vtprune.testing.tiny`)."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny test model")
+
+    def tiny_image(self, image_size: tuple[int, int], seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """One image of a tiny prompt: its placeholder tokens and its pixel inputs (batch dim 1)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tiny test inputs")
+
+    def tiny_video(self, frames: int, image_size: tuple[int, int],
+                   seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """One video of a tiny prompt: its placeholder tokens and its pixel inputs."""
+        raise ValueError(f"make_inputs: {self.family} takes no video")
+
+    def tiny_batch(self, input_ids: torch.Tensor, images: list[dict[str, torch.Tensor]],
+                   videos: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The family's model inputs beyond ``input_ids`` / ``attention_mask``: the rows' pixel inputs batched."""
+        out: dict[str, Any] = {}
+        for parts in (images, videos):
+            for key in parts[0] if parts else ():
+                out[key] = torch.cat([p[key] for p in parts])
+        return out
 
     # ------------------------------------------------------------------ extension points
     def check(self, methods: list, positions: str) -> None:

@@ -81,3 +81,34 @@ class InternVLAdapter(LlavaAdapter):
 
     def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         return None
+
+    # ------------------------------------------------------------------ tiny test model
+    @classmethod
+    def tiny_config(cls, text_layers: int) -> tuple[Any, type]:
+        import transformers as T
+
+        from vtprune.testing.tiny import BOS, EOS, IMAGE, PAD, VOCAB
+
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      image_size=112, patch_size=14)
+        text = T.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+        cfg = T.InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, downsample_ratio=0.5,
+                               vision_feature_layer=-1, vision_feature_select_strategy="default")
+        return cfg, T.InternVLForConditionalGeneration
+
+    @staticmethod
+    def tiny_tiles(image_size: tuple[int, int]) -> int:
+        """Tiles of a tiny InternVL image (the real processor picks them from the aspect ratio)."""
+        return 1 + (image_size[0] // 28) % 3
+
+    def tiny_image(self, image_size: tuple[int, int], seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        from vtprune.testing.tiny import IMAGE, VEND, VSTART
+
+        _, g = self._shape()
+        n = self.tiny_tiles(image_size)
+        px = self.config.vision_config.image_size
+        px = px[0] if isinstance(px, (list, tuple)) else px
+        pixels = torch.randn(n, 3, px, px, generator=torch.Generator().manual_seed(seed)).to(self.model.dtype)
+        return [VSTART] + [IMAGE] * (n * g * g) + [VEND], {"pixel_values": pixels}

@@ -144,3 +144,22 @@ class LlavaAdapter(Adapter):
             lay.src = torch.full_like(lay.src, -2)  # candidates without a known vision-tower source
             record.images.append(lay)
         return record
+
+    # ------------------------------------------------------------------ tiny test model
+    @classmethod
+    def tiny_config(cls, text_layers: int) -> tuple[Any, type]:
+        import transformers as T
+
+        from vtprune.testing.tiny import IMAGE, clip_config, text_config
+
+        cfg = T.LlavaConfig(vision_config=clip_config(56), text_config=text_config(text_layers),
+                            image_token_index=IMAGE, image_seq_length=16, vision_feature_select_strategy="default",
+                            vision_feature_layer=-2)
+        return cfg, T.LlavaForConditionalGeneration
+
+    def tiny_image(self, image_size: tuple[int, int], seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        from vtprune.testing.tiny import IMAGE
+
+        px = self.config.vision_config.image_size
+        pixels = torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(seed))
+        return [IMAGE] * self.grid_side**2, {"pixel_values": pixels.to(self.model.dtype)}

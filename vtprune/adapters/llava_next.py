@@ -72,3 +72,39 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         return None  # the AnyRes layout needs image_sizes: pass pixel_values
+
+    # ------------------------------------------------------------------ tiny test model
+    @classmethod
+    def tiny_config(cls, text_layers: int) -> tuple[Any, type]:
+        import transformers as T
+
+        from vtprune.testing.tiny import IMAGE, clip_config, text_config
+
+        cfg = T.LlavaNextConfig(vision_config=clip_config(28), text_config=text_config(text_layers),
+                                image_token_index=IMAGE, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+                                vision_feature_select_strategy="default", vision_feature_layer=-2)
+        return cfg, T.LlavaNextForConditionalGeneration
+
+    def tiny_image(self, image_size: tuple[int, int], seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """AnyRes tiles (1, n_tiles, 3, px, px) and ``image_sizes``; the token count comes from the model itself."""
+        from vtprune.testing.tiny import IMAGE
+
+        px = self.config.vision_config.image_size
+        n = image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, px)
+        pixels = torch.randn(1, n, 3, px, px, generator=torch.Generator().manual_seed(seed)).to(self.model.dtype)
+        sizes = torch.tensor([image_size])
+        with torch.no_grad():
+            tokens = self.vlm.get_image_features(pixels, sizes).pooler_output[0].shape[0]
+        return [IMAGE] * tokens, {"pixel_values": pixels, "image_sizes": sizes}
+
+    def tiny_batch(self, input_ids: torch.Tensor, images: list[dict[str, torch.Tensor]],
+                   videos: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        tiles = max(p["pixel_values"].shape[1] for p in images)  # rows pad their tiles to the batch's most
+        padded = []
+        for p in images:
+            pv = p["pixel_values"]  # (1, n_tiles, 3, px, px)
+            padded.append({**p, "pixel_values": torch.nn.functional.pad(pv, (0,) * 7 + (tiles - pv.shape[1],))})
+        if videos and any(v["pixel_values_videos"].shape[1] != videos[0]["pixel_values_videos"].shape[1]
+                          for v in videos):
+            raise ValueError("make_inputs: videos of one batch need the same frame count")
+        return super().tiny_batch(input_ids, padded, videos)

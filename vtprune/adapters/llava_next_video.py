@@ -7,16 +7,35 @@ model scores a token by its best patch); ``vit_features`` are the resampler outp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from vtprune.adapters.base import ImageLayout, VisionRecord
 from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.video.inputs import VideoFormat
+
+
+class NextVideoFormat(VideoFormat):
+    """LLaVA-NeXT-Video's video processor: shortest edge to 224, centre crop 224; each frame becomes
+    (h / pool) x (w / pool) tokens (``spatial_pool_stride``), no newline."""
+
+    def defaults(self) -> dict[str, Any]:
+        return {"size": {"shortest_edge": 224}, "crop_size": (224, 224)}
+
+    def builder_kwargs(self, config: Any) -> dict[str, Any]:
+        return {"vit_patch": config.vision_config.patch_size, "pool_stride": getattr(config, "spatial_pool_stride", 2)}
+
+    def placeholder(self, b: Any, pixels: dict[str, torch.Tensor], timestamps: Sequence[float]) -> str:
+        F, _, H, W = pixels["pixel_values_videos"].shape[1:]
+        gh, gw = H // b.vit_patch, W // b.vit_patch
+        return b.video_token * (F * (gh // b.pool_stride) * (gw // b.pool_stride))
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     family = "llava_next_video"
+    video = NextVideoFormat()
     model_classes = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
     modalities = {"image": ("get_image_features", "image_token_id"),
                   "video": ("get_video_features", "video_token_id")}
@@ -52,3 +71,26 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             return super().vit_feature_rows(record, src, local)
         feats = record.stash["features"]  # (B*F, n_pooled, Dv): the projector runs after pooling
         return feats.reshape(-1, feats.shape[-1])[local.to(feats.device)]
+
+    # ------------------------------------------------------------------ tiny test model
+    @classmethod
+    def tiny_config(cls, text_layers: int) -> tuple[Any, type]:
+        import transformers as T
+
+        from vtprune.testing.tiny import IMAGE, VIDEO, clip_config, text_config
+
+        cfg = T.LlavaNextVideoConfig(vision_config=clip_config(56), text_config=text_config(text_layers),
+                                     image_token_index=IMAGE, video_token_index=VIDEO, spatial_pool_stride=2,
+                                     image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                                     vision_feature_select_strategy="default", vision_feature_layer=-2)
+        return cfg, T.LlavaNextVideoForConditionalGeneration
+
+    def tiny_video(self, frames: int, image_size: tuple[int, int],
+                   seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """Frames (1, frames, 3, px, px); each becomes (side / pool stride)^2 tokens, no newline."""
+        from vtprune.testing.tiny import VIDEO
+
+        px = self.config.vision_config.image_size
+        side = px // self.config.vision_config.patch_size
+        pixels = torch.randn(1, frames, 3, px, px, generator=torch.Generator().manual_seed(seed)).to(self.model.dtype)
+        return [VIDEO] * (frames * (side // self.config.spatial_pool_stride) ** 2), {"pixel_values_videos": pixels}

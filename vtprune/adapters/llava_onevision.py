@@ -12,6 +12,8 @@ always: it closes no canvas row); every frame is a span.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,10 +24,29 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from vtprune.adapters.base import ImageLayout, VisionRecord
 from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.video.inputs import VideoFormat
+
+
+class OnevisionVideo(VideoFormat):
+    """LLaVA-OneVision's video processor: frames resized to 384 x 384; each becomes ceil(h / 2) x ceil(w / 2)
+    tokens (2x bilinear pooling of the patch grid), plus one newline token per video."""
+
+    def defaults(self) -> dict[str, Any]:
+        return {"size": {"height": 384, "width": 384}}
+
+    def tiny(self, config: Any, side: int | None, frames: int) -> dict[str, Any]:
+        px = side or config.vision_config.image_size
+        return {"size": {"height": px, "width": px}}
+
+    def placeholder(self, b: Any, pixels: dict[str, torch.Tensor], timestamps: Sequence[float]) -> str:
+        F, _, H, W = pixels["pixel_values_videos"].shape[1:]
+        gh, gw = H // b.vit_patch, W // b.vit_patch
+        return b.video_token * (F * math.ceil(gh / 2) * math.ceil(gw / 2) + 1)
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
+    video = OnevisionVideo()
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     modalities = {"image": ("get_image_features", "image_token_id"),
                   "video": ("get_video_features", "video_token_id")}
@@ -104,3 +125,33 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             T, P = record.tokens_per_tile, record.features_per_tile
             return feats.reshape(-1, feats.shape[-1])[((src // T) * P + src % T - (T - P)).to(feats.device)]
         return super().vit_feature_rows(record, src, local)  # nearest source patch of interpolated tokens
+
+    # ------------------------------------------------------------------ tiny test model
+    @classmethod
+    def tiny_config(cls, text_layers: int) -> tuple[Any, type]:
+        import transformers as T
+
+        from vtprune.testing.tiny import IMAGE, VIDEO, text_config
+
+        siglip = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      image_size=56, patch_size=14, vision_use_head=False)
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+        text = T.Qwen2Config(**{k: v for k, v in text_config(text_layers).to_dict().items() if k in keys})
+        # pinpoints up to 4x4 tiles: a large canvas exceeds 9 tiles' worth and is down-sampled (anyres_max_9)
+        cfg = T.LlavaOnevisionConfig(vision_config=siglip, text_config=text, image_token_index=IMAGE,
+                                     video_token_index=VIDEO, vision_feature_select_strategy="full",
+                                     vision_feature_layer=-1,
+                                     image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112], [224, 224]])
+        return cfg, T.LlavaOnevisionForConditionalGeneration
+
+    def tiny_video(self, frames: int, image_size: tuple[int, int],
+                   seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """Frames (1, frames, 3, px, px); each becomes ceil(side / 2)^2 tokens (2x bilinear pooling), plus one
+        newline per video."""
+        from vtprune.testing.tiny import VIDEO
+
+        px = self.config.vision_config.image_size
+        side = px // self.config.vision_config.patch_size
+        pixels = torch.randn(1, frames, 3, px, px, generator=torch.Generator().manual_seed(seed)).to(self.model.dtype)
+        return [VIDEO] * (frames * (-(-side // 2)) ** 2 + 1), {"pixel_values_videos": pixels}

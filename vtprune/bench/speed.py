@@ -37,9 +37,10 @@ import torch
 import vtprune
 from vtprune.api import adapter_for
 from vtprune.bench.proxies import PROXIES, Proxy, build_proxy, proxy_inputs
+from vtprune.bench.report import plot_rows as _plot
+from vtprune.bench.report import print_rows as _print
 from vtprune.budget import Budget
 from vtprune.compat import cache_out, with_cache
-from vtprune.registry import METHODS
 
 # (name, options, real-depth defaults are the method's own); in-LLM methods get proxy layers 1, 2, 3
 BENCH_METHODS: list[tuple[str, dict]] = [
@@ -461,56 +462,3 @@ def selection(proxy: str = "llava-1.5-7b", images: tuple[int, ...] = (1, 11), ke
         print(f"unpruned prefill, {n_img} image(s), scaled to the real depth: {t:.0f} ms")
     print(f"wrote {path}")
     return rows
-
-
-def _print(rows: list[dict]) -> None:
-    head = (f"{'proxy':<14}{'method':<28}{'keep':>5}{'kept':>6}{'raw ms':>9}{'x raw':>7}{'scaled ms':>11}"
-            f"{'x scaled':>9}"
-            f"{'E raw':>7}{'E scaled':>9}{'sel ms':>8}{'sel %':>7}{'KV/ideal':>9}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['proxy']:<14}{r['method'][:27]:<28}{r['budget']:>5}{r['kept']:>6}{r['prefill_raw_ms']:>9.1f}"
-              f"{r['speedup_raw']:>7.2f}{r['prefill_scaled_ms']:>11.1f}{r['speedup_scaled']:>9.2f}{r['E_raw']:>7.2f}"
-              f"{r['E_scaled']:>9.2f}{r['select_ms']:>8.1f}{r['select_pct']:>7.2f}{r['kv_vs_ideal']:>9.2f}")
-    print("\nraw = the proxy as built (few layers); scaled = its layers replaced by the real depth's schedule.")
-    print("targets: E_scaled >= 0.97 for vision/input methods at 64 tokens (0.90 zeroth_order), >= 0.90 in-LLM;"
-          " KV/ideal >= 0.95")
-    for r in rows:
-        if r["method"] == "none" or r["budget"] != 64:
-            continue
-        m = METHODS.get(r["method"].split("(")[0])
-        target = 0.90 if (m.stage == "layer" or r["method"].startswith("zeroth")) else 0.97
-        ok = "ok " if r["E_scaled"] >= target else "MISS"
-        print(f"  {ok} {r['proxy']:<14}{r['method']:<28} E_scaled={r['E_scaled']:.3f} (target {target})")
-
-
-def _plot(rows: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    for proxy in dict.fromkeys(r["proxy"] for r in rows):
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-        methods = dict.fromkeys(r["method"] for r in rows if r["proxy"] == proxy and r["method"] != "none")
-        for j, method in enumerate(methods):
-            style = dict(marker="osD^v"[j // 10 % 5], linestyle=("-", "--", ":")[j // 10 % 3], label=method)
-            pts = sorted((r["kept"], r["speedup_scaled"], r["kv_bytes_scaled"] / 2**20, r["peak_mb"]) for r in rows
-                         if r["proxy"] == proxy and r["method"] == method)
-            for i in range(3):
-                axes[i].plot([p[0] for p in pts], [p[i + 1] for p in pts], color=f"C{j % 10}", **style)
-        base = next(r for r in rows if r["proxy"] == proxy and r["method"] == "none")
-        axes[2].axhline(base["peak_mb"], color="grey", linestyle="--", label="unpruned")
-        axes[0].set(xlabel="visual tokens kept (last stage)", ylabel="prefill speed-up (scaled to real depth)",
-                    title=f"{proxy}")
-        axes[1].set(xlabel="visual tokens kept (last stage)", ylabel="KV cache (MB, real depth)", title=f"{proxy}")
-        axes[2].set(xlabel="visual tokens kept (last stage)", ylabel="peak memory in prefill (MB, the proxy)",
-                    title=f"{proxy}")
-        axes[0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / f"bench_{proxy}.png", dpi=120)
-        plt.close(fig)
-        print(f"wrote {out / f'bench_{proxy}.png'}")
