@@ -1,8 +1,8 @@
 """The method x adapter matrix: every DESIGN invariant runs on every cell (tests/test_invariants.py).
 
 Adding a method: nothing (``_fill_matrix`` gives every registered method a default case at each stage it
-allows); add an entry to METHOD_CASES when the default does not fit. Adding a model family: one entry in
-ADAPTER_CASES (and a builder in vtprune/testing/tiny.py); every method then runs on it.
+allows); add an entry to METHOD_CASES when the default does not fit. Adding a model family: nothing (its
+adapter's ``tiny_config`` / ``tiny_image`` make its tiny model); every method then runs on it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import vtprune
-from vtprune.testing.tiny import Row
+from vtprune.testing.tiny import Row, families
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,7 @@ def _fill_matrix() -> None:
 
 _fill_matrix()
 
-ADAPTER_CASES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl",
-                 "qwen3_vl"]
+ADAPTER_CASES = families()  # every registered family: a new adapter file joins the matrix by itself
 ATTN = ["sdpa", "eager"]
 
 # Two prompts of different lengths (and, for LLaVA-NeXT / Qwen, different image grids): pruning leaves

@@ -119,7 +119,7 @@ def test_onevision_received_attention_follows_the_anyres_packing():
     assert expected.numel() > side * side + 9 * side * side // 4, "the canvas should be large enough to be resized"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_qwen_received_attention_is_a_distribution_per_image(family):
     """Each image's tokens share its patches' received attention: the scores of an image sum to 1
     (every query's softmax sums to 1 over the keys of its image)."""

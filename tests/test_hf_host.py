@@ -195,7 +195,7 @@ def _labels(inputs, visual, pattern: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("pattern", ["sft", "all"])
-@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("method,kwargs", GRAD_CASES, ids=[f"{m}{'@' + str(k['layer']) if 'layer' in k else ''}"
                                                           for m, k in GRAD_CASES])
 def test_training_through_pruning_matches_the_masked_reference(family, method, kwargs, pattern):
@@ -225,8 +225,8 @@ def test_training_through_pruning_matches_the_masked_reference(family, method, k
     ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(ref_grads)
     assert any(n.startswith("model.vision_tower") or ".visual." in n or n.startswith("model.visual") for n in grads)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+    for n, g in ref_grads.items():  # float32 sums: tolerance relative to the gradient's scale (tied embeddings)
+        torch.testing.assert_close(grads[n], g, atol=1e-6 * max(1.0, float(g.abs().max())), rtol=1e-4, msg=n)
 
 
 def test_labels_without_pruning_give_the_models_own_loss():

@@ -153,7 +153,8 @@ def test_zeroth_order_closed_form_is_the_frobenius_norm_of_the_projector_jacobia
     torch.testing.assert_close(expected_sensitivity(x, mlp_parts(proj))[0], 2 * got)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                    "qwen3_5"])
 def test_zeroth_order_closed_form_on_every_supported_projector(family):
     """The closed form against the exact Jacobian of each family's own projector, as the adapter hands it
     over (Qwen: LayerNorm / RMSNorm per merged patch; InternVL: LayerNorm on the row)."""

@@ -219,6 +219,15 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
         adapter.vit_attention(getattr(m, "vit_layer", None))  # raises if vit_layer is out of range
     if "text_attention" in required and m.layers and min(m.layers) < 1:
         raise ValueError(f"method {m.name!r} scores with layer K-1, so layer must be >= 1")
+    if any(SIGNAL_TABLE[s].source == "decoder_attention" for s in required):
+        attention = adapter.attention_layers()
+        bad = [k for k in m.layers if k >= 1 and k - 1 not in attention]
+        if bad:
+            ok = sorted(k + 1 for k in attention if k + 1 < n_layers)
+            raise ValueError(
+                f"method {m.name!r}: layer={bad[0]} scores from decoder layer {bad[0] - 1}, which has no attention "
+                f"map ({family}'s layer {bad[0] - 1} is {adapter.layer_type(bad[0] - 1)}); choose a layer right "
+                f"after an attention layer: {ok}")
     if m.layers and m.layers != (0,) and not m.layer_ok:
         raise ValueError(f"method {m.name!r} cannot act inside the LLM")
 

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import torch
 
 from vtprune.api import adapter_for, prune
-from vtprune.engine.sequence import apply_rope
 from vtprune.methods.base import Method
 from vtprune.methods.debiased_attention import DebiasedAttention, fit_trend
 from vtprune.methods.entropy import collapse_layer, global_matrix_entropy, matrix_entropy
@@ -104,10 +103,7 @@ def entropy_profile(model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -
                     attn = layers[l].self_attn
                     x = cap["x"][b : b + 1][:, visual[b]]
                     cos, sin = (t.expand(visual.shape[0], *t.shape[1:])[b : b + 1][:, visual[b]] for t in cap["pe"])
-                    q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim)
-                    if hasattr(attn, "q_norm"):
-                        q = attn.q_norm(q)
-                    q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)  # (1, N, H, d) post-RoPE
+                    q = adapter.decoder_qk(attn, x, cos, sin, key=False).transpose(1, 2)  # (1, N, H, d) post-RoPE
                     token_curve[l] += float(matrix_entropy(q).mean())
     finally:
         patcher.undo()

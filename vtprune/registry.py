@@ -1,9 +1,10 @@
 """Name → class registries for methods and adapters.
 
 Nothing is imported until a registry is first used, so importing vtprune imports no method or adapter code.
-A built-in method is one file in ``vtprune/methods/`` whose class carries ``@METHODS.register("name")``: the
-registry imports every module of that package on first use (no list to edit). Adapters are listed below as
-lazy ``"module:attr"`` strings. Third-party packages add their own through entry-point groups::
+A built-in method is one file in ``vtprune/methods/`` whose class carries ``@METHODS.register("name")``, a
+model family one file in ``vtprune/adapters/`` whose class carries ``@ADAPTERS.register("family")``: the
+registry imports every module of its package on first use (no list to edit). Third-party packages add their
+own through entry-point groups::
 
     [project.entry-points."vtprune.methods"]
     my_method = "my_pkg.my_method:MyMethod"
@@ -143,12 +144,4 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method", "vtprune.methods", package="vtprune.methods")
 
-ADAPTERS: Registry = Registry("model adapter", "vtprune.adapters")
-ADAPTERS.add("llava", "vtprune.adapters.llava:LlavaAdapter")
-ADAPTERS.add("llava_next", "vtprune.adapters.llava_next:LlavaNextAdapter")
-ADAPTERS.add("llava_next_video", "vtprune.adapters.llava_next_video:LlavaNextVideoAdapter")
-ADAPTERS.add("llava_onevision", "vtprune.adapters.llava_onevision:LlavaOnevisionAdapter")
-ADAPTERS.add("internvl", "vtprune.adapters.internvl:InternVLAdapter")
-ADAPTERS.add("qwen2_vl", "vtprune.adapters.qwen2_vl:Qwen2VLAdapter")
-ADAPTERS.add("qwen2_5_vl", "vtprune.adapters.qwen2_5_vl:Qwen2_5VLAdapter")
-ADAPTERS.add("qwen3_vl", "vtprune.adapters.qwen3_vl:Qwen3VLAdapter")
+ADAPTERS: Registry = Registry("model adapter", "vtprune.adapters", package="vtprune.adapters")

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from vtprune.engine.sequence import cut_llm_input, decode_mask
+from vtprune.engine.sequence import apply_rope, build_mask, cut_llm_input, decode_mask, take_mask
 from vtprune.signals import SOURCES, Projector, ProjectorMLP
 
 
@@ -43,6 +43,24 @@ class ImageLayout:
         c = torch.arange(n) % width
         grid = torch.stack([torch.full((n,), group), r, c], dim=1)
         return cls(src=src, grid=grid, line=torch.full((n,), -1), frame=torch.zeros(n, dtype=torch.long))
+
+
+@dataclass
+class LayerCut:
+    """Where decoder layer l's tokens come from behind an in-LLM step, for :meth:`Adapter.cut_layer_mask`.
+
+    kv_index / kv_valid (B, KV'): the key slots of the layer in the coordinates of the mask the model computed
+    (prefill: the LLM input; decode: the LLM input plus the generated tokens), False on padding slots; q_index
+    (B, Q'): the query slots (prefill; None at decode); mask2d (B, KV') long: the layer's 2-D padding mask in its
+    own coordinates; hidden: the layer's input; cache: the KV cache (None in an uncached prefill); decode."""
+
+    kv_index: torch.Tensor
+    kv_valid: torch.Tensor
+    q_index: torch.Tensor | None
+    mask2d: torch.Tensor
+    hidden: torch.Tensor
+    cache: Any
+    decode: bool
 
 
 @dataclass
@@ -105,6 +123,24 @@ class Adapter:
     def attention_layers(self) -> frozenset[int]:
         """Decoder layers with softmax attention (in-LLM methods score from their q / k). Default: all."""
         return frozenset(range(self.num_layers))
+
+    def layer_type(self, l: int) -> str:
+        """The kind of decoder layer ``l`` (its per-layer masks differ by kind). Default: one kind."""
+        return "full_attention"
+
+    def mixer(self, l: int) -> nn.Module:
+        """The token mixer of decoder layer ``l`` (its attention; a linear-attention block in hybrid models)."""
+        return self.decoder_layers[l].self_attn
+
+    def decoder_qk(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   key: bool) -> torch.Tensor:
+        """Post-RoPE queries (or keys) (B, H, T, d) of decoder attention ``attn`` for its normed input x (B, T, D)
+        and rotary tables cos / sin (B, T, r)."""
+        proj, norm = (attn.k_proj, "k_norm") if key else (attn.q_proj, "q_norm")
+        y = proj(x).view(*x.shape[:2], -1, attn.head_dim)  # (B, T, H, d)
+        if hasattr(attn, norm):
+            y = getattr(attn, norm)(y)
+        return apply_rope(y.transpose(1, 2), cos, sin)
 
     @property
     def projector(self) -> nn.Module:
@@ -225,14 +261,15 @@ class Adapter:
         """Whether the language model's ``attention_mask`` in prefill is one vtprune can cut (default: 2-D)."""
         return torch.is_tensor(mask) and mask.dim() == 2
 
-    def padding_mask(self, mask: Any, embeds: torch.Tensor) -> torch.Tensor:
-        """(B, L) long padding mask of the LLM input (ones when the caller gave none)."""
+    def padding_mask(self, mask: Any, embeds: torch.Tensor, vlm_kwargs: dict) -> torch.Tensor:
+        """(B, L) long padding mask of the LLM input (ones when the caller gave none). ``vlm_kwargs``: what the
+        VLM's forward was given (a family whose LLM gets a built mask reads the caller's 2-D mask there)."""
         if mask is None:
             return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return mask.long()
 
     def cut_llm_input(self, embeds: torch.Tensor, kwargs: dict, index: torch.Tensor, valid: torch.Tensor,
-                      mask0: torch.Tensor) -> dict[str, Any]:
+                      mask0: torch.Tensor, vlm_kwargs: dict) -> dict[str, Any]:
         """The language model's keyword arguments after keeping tokens ``index`` (B, L0) of its input
         (``valid`` (B, L0): False on padding slots) in prefill. ``embeds`` (B, L, D): the input embeddings
         (merged values written in); ``mask0`` (B, L): the 2-D padding mask (ones when the caller gave none).
@@ -245,11 +282,24 @@ class Adapter:
         new.update(self.extra_lm_inputs(kwargs, index, valid))
         return new
 
-    def cut_decode_mask(self, mask: Any, base_mask: torch.Tensor, orig_len: int, has_pads: bool,
-                        new_tokens: int) -> Any:
-        """The attention mask of a decode step over a cache holding the kept prompt tokens (``base_mask``
-        (B, L0)) and ``new_tokens`` since. Default: the 2-D mask generate() keeps for the full sequence."""
-        return decode_mask(mask, base_mask, orig_len, has_pads, new_tokens)
+    def cut_decode_mask(self, kwargs: dict, base_mask: torch.Tensor, orig_len: int, has_pads: bool,
+                        new_tokens: int, vlm_kwargs: dict) -> Any:
+        """The language model's attention mask of a decode step (its kwargs: ``kwargs``) over a cache holding the
+        kept prompt tokens (``base_mask`` (B, L0)) and ``new_tokens`` since, this step's included. Default: the
+        2-D mask generate() keeps for the full sequence, its prompt part replaced by the kept prefix's."""
+        return decode_mask(kwargs.get("attention_mask"), base_mask, orig_len, has_pads, new_tokens)
+
+    def cut_layer_mask(self, l: int, mask: Any, cut: LayerCut) -> Any:
+        """The attention mask of decoder layer ``l`` behind an in-LLM step (``mask``: what the model computed for
+        that layer over the LLM input (prefill) or the full cache (decode); ``cut``: where the layer's tokens
+        come from). Default: a 4-D (or sdpa's None) mask cut to the kept queries and keys; a padding mask built
+        where pruning added padding slots."""
+        if mask is not None:
+            return take_mask(mask, cut.kv_index, cut.kv_valid, q_index=cut.q_index)
+        if bool((~cut.kv_valid).any()):
+            return build_mask(self.attn_implementation(), cut.kv_valid.to(cut.hidden.device), cut.hidden.shape[1],
+                              cut.hidden.dtype)
+        return None
 
     def extra_lm_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         """Sequence-aligned LLM kwargs to cut beyond embeddings / mask / positions (e.g. DeepStack)."""

@@ -16,8 +16,10 @@ import torch.nn as nn
 
 from vtprune.adapters.base import ImageLayout, VisionRecord
 from vtprune.adapters.llava import LlavaAdapter
+from vtprune.registry import ADAPTERS
 
 
+@ADAPTERS.register("internvl")
 class InternVLAdapter(LlavaAdapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration", "InternVLModel")

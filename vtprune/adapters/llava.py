@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 from vtprune.signals import ProjectorMLP
+from vtprune.registry import ADAPTERS
 
 
 def dense_qk(attn: nn.Module, x: torch.Tensor, key: bool = False) -> torch.Tensor:
@@ -33,6 +34,7 @@ def projector_parts(p: nn.Module) -> ProjectorMLP | None:
     return None
 
 
+@ADAPTERS.register("llava")
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")

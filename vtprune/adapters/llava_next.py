@@ -15,8 +15,10 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from vtprune.adapters.base import ImageLayout, VisionRecord
 from vtprune.adapters.llava import LlavaAdapter
+from vtprune.registry import ADAPTERS
 
 
+@ADAPTERS.register("llava_next")
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")

@@ -15,6 +15,7 @@ import torch
 from vtprune.adapters.base import ImageLayout, VisionRecord
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.video.inputs import VideoFormat
+from vtprune.registry import ADAPTERS
 
 
 class NextVideoFormat(VideoFormat):
@@ -33,6 +34,7 @@ class NextVideoFormat(VideoFormat):
         return b.video_token * (F * (gh // b.pool_stride) * (gw // b.pool_stride))
 
 
+@ADAPTERS.register("llava_next_video")
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     family = "llava_next_video"
     video = NextVideoFormat()

@@ -25,6 +25,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from vtprune.adapters.base import ImageLayout, VisionRecord
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.video.inputs import VideoFormat
+from vtprune.registry import ADAPTERS
 
 
 class OnevisionVideo(VideoFormat):
@@ -44,6 +45,7 @@ class OnevisionVideo(VideoFormat):
         return b.video_token * (F * math.ceil(gh / 2) * math.ceil(gw / 2) + 1)
 
 
+@ADAPTERS.register("llava_onevision")
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     video = OnevisionVideo()

@@ -10,6 +10,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter, QwenVideo, _tiny_qwen_text
+from vtprune.registry import ADAPTERS
 
 
 class Qwen2_5Video(QwenVideo):
@@ -21,6 +22,7 @@ class Qwen2_5Video(QwenVideo):
                 "second_per_grid_ts": torch.tensor([b.frames.temporal_patch_size / video.sampled_fps])}
 
 
+@ADAPTERS.register("qwen2_5_vl")
 class Qwen2_5VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")

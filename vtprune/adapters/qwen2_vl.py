@@ -21,6 +21,7 @@ import torch.nn as nn
 from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 from vtprune.signals import Projector, ProjectorMLP
 from vtprune.video.inputs import VideoFormat
+from vtprune.registry import ADAPTERS
 
 
 _BLOCK_ELEMENTS = 1 << 21  # attention probabilities held at once by received_attention (8 MB in float32)
@@ -141,6 +142,7 @@ class QwenVideo(VideoFormat):
                 "mm_token_type_ids": (ids == image_id).int() + 2 * (ids == b.video_token_id).int()}
 
 
+@ADAPTERS.register("qwen2_vl")
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")

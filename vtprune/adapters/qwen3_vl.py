@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vtprune.adapters.qwen2_vl import MergerFn, Qwen2VLAdapter, QwenVideo, _tiny_qwen_text
+from vtprune.registry import ADAPTERS
 
 
 def _cut_deepstack(vis: torch.Tensor, embeds: list[torch.Tensor], index: torch.Tensor,
@@ -57,6 +58,7 @@ class Qwen3Video(QwenVideo):
         return prompt.replace(wrapped, body, 1) if wrapped in prompt else prompt.replace(b.video_token, body, 1)
 
 
+@ADAPTERS.register("qwen3_vl")
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")

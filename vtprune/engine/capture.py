@@ -67,8 +67,7 @@ class Captures:
             elif source == "decoder_input":
                 patcher.pre_hook(a.decoder_layers[l], self._layer_in(l), what=f"vtprune: capture layer {l} input")
             elif source == "sublayers":
-                layer = a.decoder_layers[l]
-                for part, module in (("attn", layer.self_attn), ("mlp", layer.mlp)):
+                for part, module in (("attn", a.mixer(l)), ("mlp", a.decoder_layers[l].mlp)):
                     patcher.post_hook(module, self._sublayer(l, part, statistic),
                                       what=f"vtprune: capture layer {l} {part} input/output")
 

@@ -100,7 +100,7 @@ class Engine:
         self._calls.append(Call(
             input_ids=kwargs.get("input_ids", args[0] if args else None), inputs_embeds=kwargs.get("inputs_embeds"),
             gave_positions=kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None,
-            encoded={m: out for m, out in encoded.items() if out is not None}))
+            kwargs=kwargs, encoded={m: out for m, out in encoded.items() if out is not None}))
 
     def _after_vlm(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._calls:
@@ -163,7 +163,7 @@ class Engine:
                                       f"{tuple(getattr(mask, 'shape', ()))}")
         grad = torch.is_grad_enabled() and embeds.requires_grad  # the selection needs none; the gathers keep it
         with torch.no_grad():
-            mask0 = self.adapter.padding_mask(mask, embeds)
+            mask0 = self.adapter.padding_mask(mask, embeds, call.kwargs)
             records = {m: placed(self._encoded.get(call.encoded[m]) if m in call.encoded else call.produced.get(m),
                                  call.encoded.get(m), masks[m]) for m in masks}
             layout, used = build_layout(self.adapter, masks, records)
@@ -188,7 +188,7 @@ class Engine:
         new: dict[str, Any] = {}
         pos_shift = None
         if cur.version > 0:
-            new = self.adapter.cut_llm_input(fwd.embeds, kwargs, index, cur.valid, mask0)
+            new = self.adapter.cut_llm_input(fwd.embeds, kwargs, index, cur.valid, mask0, call.kwargs)
             if self.compact:
                 new["position_ids"], pos_shift = compact_positions(new["position_ids"], fwd.base_mask.bool())
         call.gen = Generation(orig_len=L, base_len=index.shape[1], base_mask=fwd.base_mask, base_pruned=cur.version > 0,
@@ -211,6 +211,7 @@ class Engine:
                 "that already holds a pruned prompt (chunked prefill, or an image in a later turn); run the prompt "
                 "in one prefill (no prefill_chunk_size), or start a new cache")
         call.phase, call.gen, call.cache, call.memo = "decode", gen, cache, {}
+        gen.new_tokens += q
         if not gen.base_pruned:
             return None
         return (), {**kwargs, **surgery.decode_inputs(self.adapter, call, gen, kwargs, cache, self.compact)}
@@ -280,7 +281,10 @@ class Engine:
                 if self.compact:
                     surgery.compact_layer_shift(fwd, call.gen, l, cur, kwargs)
         m = fwd.map_at(l)
-        return hidden, None if m is None else surgery.layer_kwargs(self.adapter, fwd, m, kwargs, hidden, self.compact)
+        if m is None:
+            return hidden, None
+        cache = compat.cache_in(kwargs)
+        return hidden, surgery.layer_kwargs(self.adapter, fwd, l, m, kwargs, hidden, self.compact, cache)
 
     # ================================================================== selection
     def _run(self, step: Step, fwd: Forward, cur: IndexMap, tokens: torch.Tensor | None, stats: PruneStats, *,

@@ -84,8 +84,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, d) with cos/sin (B, T, d): the rotate-half RoPE every supported LLM uses."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    """x (B, H, T, d) with cos/sin (B, T, r): the rotate-half RoPE every supported LLM uses, on the first r <= d
+    dimensions (partial rotary, as Qwen3.5's); the rest pass through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    rot = x[..., :r]
+    return torch.cat([rot * cos[:, None] + _rotate_half(rot) * sin[:, None], x[..., r:]], dim=-1)
 
 
 def kept_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,6 +110,8 @@ class Generation:
     pos_shift: torch.Tensor | None  # (B,) compact-position shift at the LLM input
     layer_maps: dict[int, IndexMap]
     layer_shift: dict[int, torch.Tensor]  # first layer -> (B,) extra compact shift for layers >= it
+    new_tokens: int = 0  # tokens decoded since the prompt, this step's included (counted, not read off the cache:
+    # a hybrid model's cache reports the length of whichever layer it picks, pruned or not)
 
     def map_at(self, layer: int) -> tuple[int, IndexMap] | None:
         keys = [k for k in self.layer_maps if k <= layer]
@@ -129,6 +131,7 @@ class Call:
     input_ids: torch.Tensor | None
     inputs_embeds: torch.Tensor | None
     gave_positions: bool  # the caller passed position_ids or a mask (Qwen then derives no rope_deltas)
+    kwargs: dict[str, Any]  # everything the VLM's forward was given (family inputs such as token_type_ids)
     encoded: dict[str, Any]  # modality -> the pre-encoded features (``mm_encoder_outputs``) it was given
     produced: dict[str, VisionRecord] = field(default_factory=dict)  # feature calls made during this forward
     phase: str | None = None  # "prefill" | "decode" while the LLM runs; None: pass through

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from vtprune.adapters.base import Adapter
-from vtprune.engine.sequence import build_mask, compact_positions, take, take_mask, take_positions
+from vtprune.adapters.base import Adapter, LayerCut
+from vtprune.engine.sequence import compact_positions, take, take_positions
 from vtprune.engine.state import Call, Forward, Generation, IndexMap
 
 
@@ -41,14 +41,12 @@ def decode_inputs(adapter: Adapter, call: Call, gen: Generation, kwargs: dict, c
     new: dict[str, Any] = {}
     embeds = kwargs.get("inputs_embeds")
     q = embeds.shape[1]
-    seen = cache.get_seq_length()
-    mask = adapter.cut_decode_mask(kwargs.get("attention_mask"), gen.base_mask, gen.orig_len, gen.has_pads,
-                                   seen - gen.base_len + q)
+    mask = adapter.cut_decode_mask(kwargs, gen.base_mask, gen.orig_len, gen.has_pads, gen.new_tokens, call.kwargs)
     if mask is not None:
         new["attention_mask"] = mask
     pos = kwargs.get("position_ids")
     if pos is None:  # what the unpruned model would use: continue after the ORIGINAL length
-        start = seen + gen.orig_len - gen.base_len
+        start = gen.orig_len + gen.new_tokens - q
         pos = (torch.arange(q, device=embeds.device) + start).expand(embeds.shape[0], q)
         new["position_ids"] = pos
     elif adapter.derives_decode_positions and not call.gave_positions:
@@ -60,12 +58,12 @@ def decode_inputs(adapter: Adapter, call: Call, gen: Generation, kwargs: dict, c
     return new
 
 
-def layer_kwargs(adapter: Adapter, fwd: Forward, m: IndexMap, kwargs: dict, hidden: torch.Tensor,
-                 compact: bool) -> dict[str, Any]:
+def layer_kwargs(adapter: Adapter, fwd: Forward, l: int, m: IndexMap, kwargs: dict, hidden: torch.Tensor,
+                 compact: bool, cache: Any) -> dict[str, Any]:
     """Per-layer kwargs computed by the model for the LLM input, cut to the map ``m`` (memoised for the
     layers of this forward that share them)."""
     objs = (m, kwargs.get("attention_mask"), kwargs.get("position_embeddings"))
-    key = _memo_key(*objs)
+    key = (adapter.layer_type(l), *_memo_key(*objs))  # layers of one kind share the model's masks
     if key in fwd.kwargs_memo:
         return fwd.kwargs_memo[key][1]
     index = m.index.clamp(min=0)
@@ -78,12 +76,11 @@ def layer_kwargs(adapter: Adapter, fwd: Forward, m: IndexMap, kwargs: dict, hidd
         new["position_embeddings"] = adapter.language_model.rotary_emb(hidden, new["position_ids"])
     elif pe is not None:
         new["position_embeddings"] = tuple(take(t, index) for t in pe)
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        new["attention_mask"] = take_mask(mask, index, m.valid, q_index=index)
-    elif bool((~m.valid).any()):
-        new["attention_mask"] = build_mask(adapter.attn_implementation(), m.valid.to(hidden.device),
-                                           index.shape[1], hidden.dtype)
+    cut = LayerCut(kv_index=index, kv_valid=m.valid, q_index=index, mask2d=fwd.attend(m).long(), hidden=hidden,
+                   cache=cache, decode=False)
+    mask = adapter.cut_layer_mask(l, kwargs.get("attention_mask"), cut)
+    if mask is not None or kwargs.get("attention_mask") is not None:
+        new["attention_mask"] = mask
     fwd.kwargs_memo[key] = (objs, new)
     return new
 
@@ -99,20 +96,20 @@ def layer_decode_kwargs(adapter: Adapter, call: Call, l: int, hidden: torch.Tens
     first, m = found
     mask = kwargs.get("attention_mask")
     objs = (mask, kwargs.get("position_embeddings"))
-    key = (first, *_memo_key(*objs))  # call.memo lives for this decode step only
+    key = (first, adapter.layer_type(l), *_memo_key(*objs))  # call.memo lives for this decode step only
     if key in call.memo:
         return call.memo[key][1]
     new: dict[str, Any] = {}
-    q, B = hidden.shape[1], m.index.shape[0]
-    t = call.cache.get_seq_length() - gen.base_len  # new tokens so far, incl. this step
+    B, t = m.index.shape[0], gen.new_tokens  # new tokens so far, incl. this step
+    ones = torch.ones(B, t, dtype=torch.long, device=m.valid.device)
     tail = torch.arange(gen.base_len, gen.base_len + t, device=m.index.device).expand(B, t)
-    kv_index = torch.cat([m.index.clamp(min=0), tail], dim=1)
-    kv_valid = torch.cat([m.valid, torch.ones(B, t, dtype=torch.bool, device=m.valid.device)], dim=1)
-    if mask is not None:
-        new["attention_mask"] = take_mask(mask, kv_index, kv_valid)
-    elif bool((~m.valid).any()):
-        new["attention_mask"] = build_mask(adapter.attn_implementation(), kv_valid.to(hidden.device), q,
-                                           hidden.dtype)
+    cut = LayerCut(kv_index=torch.cat([m.index.clamp(min=0), tail], dim=1),
+                   kv_valid=torch.cat([m.valid, ones.bool()], dim=1), q_index=None,
+                   mask2d=torch.cat([(gen.base_mask.gather(1, m.index.clamp(min=0)) * m.valid).long(), ones], dim=1),
+                   hidden=hidden, cache=call.cache, decode=True)
+    cut_mask = adapter.cut_layer_mask(l, mask, cut)
+    if cut_mask is not None or mask is not None:
+        new["attention_mask"] = cut_mask
     shift = sum(s for k, s in gen.layer_shift.items() if k <= l) if gen.layer_shift else None
     if shift is not None and kwargs.get("position_ids") is not None:
         pos = kwargs["position_ids"]

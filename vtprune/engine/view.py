@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from vtprune.adapters.base import Adapter, VisionRecord
-from vtprune.engine.sequence import apply_rope, take
+from vtprune.engine.sequence import take
 from vtprune.engine.state import Forward, IndexMap, Step
 from vtprune.kernels import attention_rows
 from vtprune.signals import Signals
@@ -109,6 +109,10 @@ class StageView:
             return ctx
         if K is None or self.tokens is None or self.layer_kwargs is None:
             raise RuntimeError("layer='self' attention is only available at a decoder layer (layer=K)")
+        if K not in self.adapter.attention_layers():
+            raise ValueError(f"{self.step.method.name!r} reads the attention of decoder layer {K} itself, which is a "
+                             f"{self.adapter.layer_type(K)} layer with no attention map; choose attention layers: "
+                             f"{sorted(self.adapter.attention_layers())}")
         layer = self.adapter.decoder_layers[K]
         x = layer.input_layernorm(self.tokens)
         cur = self.cur
@@ -119,14 +123,10 @@ class StageView:
                 "attend": self.fwd.attend(cur).to(x.device),
                 "orig": self.orig, "slots": lambda sig: sig.positions}
 
-    @staticmethod
-    def _project(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: bool) -> torch.Tensor:
-        """Post-RoPE queries (or keys) (B, H, T, d) of ``attn`` for normed inputs x (B, T, D)."""
-        proj, norm = (attn.k_proj, "k_norm") if key else (attn.q_proj, "q_norm")
-        y = proj(x).view(*x.shape[:2], -1, attn.head_dim)  # (B, T, H, d)
-        if hasattr(attn, norm):
-            y = getattr(attn, norm)(y)
-        return apply_rope(y.transpose(1, 2), cos, sin)
+    def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 key: bool) -> torch.Tensor:
+        """Post-RoPE queries (or keys) (B, H, T, d) of ``attn`` for normed inputs x (B, T, D) (the adapter's)."""
+        return self.adapter.decoder_qk(attn, x, cos, sin, key)
 
     def _ctx_keys(self, ctx: dict[str, Any]) -> torch.Tensor:
         if ctx["keys"] is None:

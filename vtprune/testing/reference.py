@@ -1,8 +1,10 @@
 """Independent references for the DESIGN invariants: the UNPATCHED model on the full sequence, where each
-decoder layer may only attend to the tokens kept at that layer (a 4-D additive mask), with the original
-position ids and no KV cache. Pruning must reproduce it (up to float rounding) at every kept position.
+decoder layer may only attend to the tokens kept at that layer (the model's own mask for the layer -- causal,
+padding, bidirectional image blocks -- with the dropped keys masked out), with the original position ids and
+no KV cache. A recurrent (linear-attention) layer cannot mask a token out, so it runs on each row's present
+tokens alone. Pruning must reproduce it (up to float rounding) at every kept position.
 
-This shares no code with the engine: it never gathers, never touches position ids or caches.
+This shares no code with the engine: it never cuts the sequence, never touches position ids or caches.
 """
 
 from __future__ import annotations
@@ -56,24 +58,21 @@ def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: Prune
     B, L = inputs["input_ids"].shape if "input_ids" in inputs else inputs["inputs_embeds"].shape[:2]
     am = inputs.get("attention_mask")
     am = torch.ones(B, L, dtype=torch.bool) if am is None else am.bool()
-    dtype = model.dtype
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    masks = []
-    for l in range(len(layers)):
-        allowed = causal[None] & am[:, None, :] & kept_mask(stats, l, L)[:, None, :]  # (B, L, L)
-        add = torch.zeros(B, 1, L, L, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-        masks.append(add)
+    present = [kept_mask(stats, l, L) for l in range(len(layers))]  # (B, L) tokens present at each layer
     if compact:
-        keep0 = kept_mask(stats, 0, L) & am
+        keep0 = present[0] & am
         base = position_ids if position_ids is not None else torch.arange(L).expand(B, L)
         first = torch.where(keep0, base, L * 10).min(1).values
         position_ids = torch.where(keep0, first[:, None] + keep0.long().cumsum(1) - 1, 0)
     handles = []
     for l, layer in enumerate(layers):
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, mask: torch.Tensor = masks[l]) -> tuple:
-            return args, {**kwargs, "attention_mask": mask}
-
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        mixer = getattr(layer, "linear_attn", None)
+        if mixer is not None:  # a recurrent layer cannot mask a token out: run it on the present tokens only
+            handles.append(mixer.register_forward_hook(_removing(present[l] & am), with_kwargs=True))
+        else:  # the model's own mask for this layer (causal, padding, image blocks, windows), kept keys only
+            handles.append(layer.register_forward_pre_hook(_masking(present[l], causal & am[:, None, :]),
+                                                           with_kwargs=True))
     try:
         kw = {k: v for k, v in inputs.items()}
         if position_ids is not None:
@@ -82,6 +81,46 @@ def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: Prune
     finally:
         for h in handles:
             h.remove()
+
+
+def _masking(present: torch.Tensor, fallback: torch.Tensor) -> Any:
+    """A layer pre-hook ANDing the layer's mask with the present keys (``fallback`` (B, L, L) where sdpa's
+    mask is None: causal within the padding)."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        mask = kwargs.get("attention_mask")
+        dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+        if mask is None:
+            allowed = fallback & present[:, None, :]
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        elif mask.dtype == torch.bool:
+            mask = mask & present[:, None, None, :]
+        else:
+            mask = mask.masked_fill(~present[:, None, None, :], torch.finfo(mask.dtype).min)
+        return args, {**kwargs, "attention_mask": mask}
+
+    return hook
+
+
+def _removing(present: torch.Tensor) -> Any:
+    """A forward hook recomputing a token mixer's output on each row's present tokens alone."""
+    busy = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if busy:  # the recomputation below calls the module again
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        out = (output[0] if isinstance(output, tuple) else output).clone()
+        busy.append(True)
+        try:
+            for b in range(x.shape[0]):
+                idx = present[b].nonzero()[:, 0]
+                out[b, idx] = module(x[b : b + 1, idx])[0]
+        finally:
+            busy.pop()
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return hook
 
 
 def pruned_rows(logits: torch.Tensor, stats: PruneStats) -> list[torch.Tensor]:

@@ -16,10 +16,6 @@ import transformers as T
 
 PAD, BOS, EOS, IMAGE, VIDEO, VSTART, VEND, TIMESTAMP = 0, 1, 2, 500, 501, 502, 503, 504
 VOCAB = 512
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl",
-                             "qwen2_5_vl", "qwen3_vl")
-ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def text_config(layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -37,11 +33,19 @@ def clip_config(image_size: int, patch: int = 14, hidden: int = 32, layers: int 
                               num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=hidden)
 
 
+def families() -> list[str]:
+    """Every registered family with a tiny test model (its adapter defines ``tiny_config``): the test matrix."""
+    from vtprune.adapters.base import Adapter
+    from vtprune.registry import ADAPTERS
+
+    return [n for n in ADAPTERS.names() if ADAPTERS.get(n).tiny_config.__func__ is not Adapter.tiny_config.__func__]
+
+
 def _adapter_class(family: str) -> Any:
     from vtprune.registry import ADAPTERS
 
-    if family not in ADAPTERS:
-        raise ValueError(f"unknown tiny family {family!r}; known: {FAMILIES}")
+    if family not in families():
+        raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(families())}")
     return ADAPTERS.get(family)
 
 
@@ -52,6 +56,8 @@ def build(family: str, attn: str = "sdpa", *, seed: int = 0, dtype: torch.dtype 
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     model.generation_config.pad_token_id = PAD
+    with torch.no_grad():  # a zero padding embedding would hide a padding slot leaking into real tokens
+        model.get_input_embeddings().weight[PAD].normal_(generator=torch.Generator().manual_seed(seed + 1))
     return model
 
 
