@@ -79,3 +79,63 @@ def test_qwen35_runs_every_stage_in_one_line():
         with vtprune.prune(model, method, **kwargs) as handle, torch.no_grad():
             model(**inputs)
         assert handle.stats.pruned
+
+
+# ------------------------------------------------------------------------------------------------ Gemma-3
+def _gemma3(window: int, attn: str = "sdpa") -> torch.nn.Module:
+    from vtprune.adapters.gemma3 import Gemma3Adapter
+
+    cfg, cls = Gemma3Adapter.tiny_config(4)
+    cfg.text_config.sliding_window = window
+    torch.manual_seed(0)
+    model = cls._from_config(cfg, attn_implementation=attn).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0].normal_()
+    Gemma3Adapter.tiny_init(model, torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,kwargs", [("kcenter", {"ratio": 0.5}), ("random", {"ratio": 0.5, "layer": 1}),
+                                           ("kcenter", {"ratio": 0.6, "layer": 2})],
+                         ids=["kcenter", "random@1", "kcenter@2"])
+def test_gemma3_sliding_window_counts_kept_tokens(method, kwargs, attn):
+    """A window narrower than the prompt (6 < 29 tokens): the sliding cache holds the last W - 1 KEPT tokens, so
+    the masks are rebuilt in kept-token coordinates; cached decoding then equals re-running the whole pruned
+    sequence at every step (cutting HF's original-coordinate masks drifted by 4e-2 at decode)."""
+    model = _gemma3(window=6, attn=attn)
+    inputs = make_inputs(model, rows_for(model), padding="left")
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with vtprune.prune(model, method, **kwargs) as handle:
+        cached = model.generate(**inputs, use_cache=True, **kw)
+        assert handle.stats.pruned
+        uncached = model.generate(**inputs, use_cache=False, **kw)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+def test_gemma3_image_blocks_stay_bidirectional():
+    """The kept image tokens of one image still see each other both ways (the rebuilt masks carry the cut token
+    types): the first kept image token's output moves when only LATER kept image tokens change."""
+    model = build("gemma3")
+    inputs = make_inputs(model, rows_for(model)[:1])
+    ids = inputs["input_ids"][0]
+    start = int((ids == model.config.image_token_id).nonzero()[0])
+    with vtprune.prune(model, "random", ratio=0.5) as handle, torch.no_grad():
+        base = model(**inputs).logits[0]
+        kept = handle.stats.kept_positions[0]
+        image = kept[ids[kept] == model.config.image_token_id]  # original positions of the kept image tokens
+
+        def later_only(module, args, output):  # change the features of the image tokens after the first kept one
+            output = output.clone()
+            output[0, image[1:] - start] += 3.0
+            return output
+
+        hook = model.model.multi_modal_projector.register_forward_hook(later_only)
+        try:
+            after = model(**inputs).logits[0]
+        finally:
+            hook.remove()
+    first = int((kept == image[0]).nonzero())  # its row in the pruned sequence (batch 1: no padding slots)
+    assert not torch.allclose(base[first], after[first])
+    assert torch.equal(base[:first], after[:first]) or first == 0  # text before the image cannot see it

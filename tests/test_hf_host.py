@@ -64,7 +64,7 @@ def _encode(model, inputs):
     return enc, rest
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 def test_precomputed_features_are_scored_with_their_own_signals(family):
     """Encode image A, then image B, then run A's encoder outputs: A's tokens must be selected with A's signals
     (the engine used to take the signals of the LAST feature call, B's)."""
@@ -195,7 +195,7 @@ def _labels(inputs, visual, pattern: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("pattern", ["sft", "all"])
-@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 @pytest.mark.parametrize("method,kwargs", GRAD_CASES, ids=[f"{m}{'@' + str(k['layer']) if 'layer' in k else ''}"
                                                           for m, k in GRAD_CASES])
 def test_training_through_pruning_matches_the_masked_reference(family, method, kwargs, pattern):

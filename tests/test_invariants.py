@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
@@ -177,8 +178,9 @@ def test_matches_masked_reference(model, case: MethodCase, padding):
 @pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_compact_positions_match_reference(model):
     inputs = make_inputs(model, rows_for(model))
-    if is_mrope(model):
-        with pytest.raises(ValueError, match="compact.*M-RoPE"):
+    refusal = vtprune.adapter_for(model).compact_refusal
+    if refusal:  # M-RoPE families, Gemma-3's two rotary tables
+        with pytest.raises(ValueError, match=f"positions='compact' is not defined for .*{re.escape(refusal)}"):
             vtprune.prune(model, "kcenter", ratio=0.5, positions="compact")
         return
     with vtprune.prune(model, "kcenter", ratio=0.5, positions="compact") as handle:

@@ -52,7 +52,8 @@ class LayerCut:
     kv_index / kv_valid (B, KV'): the key slots of the layer in the coordinates of the mask the model computed
     (prefill: the LLM input; decode: the LLM input plus the generated tokens), False on padding slots; q_index
     (B, Q'): the query slots (prefill; None at decode); mask2d (B, KV') long: the layer's 2-D padding mask in its
-    own coordinates; hidden: the layer's input; cache: the KV cache (None in an uncached prefill); decode."""
+    own coordinates; hidden: the layer's input; cache: the KV cache (None in an uncached prefill); decode; orig and
+    vlm_kwargs, for a family that rebuilds its masks from its own inputs."""
 
     kv_index: torch.Tensor
     kv_valid: torch.Tensor
@@ -61,6 +62,8 @@ class LayerCut:
     hidden: torch.Tensor
     cache: Any
     decode: bool
+    orig: torch.Tensor | None = None  # (B, L') prefill: the ORIGINAL position of each of the layer's slots
+    vlm_kwargs: dict = field(default_factory=dict)  # what the VLM's forward was given (family inputs)
 
 
 @dataclass
@@ -315,6 +318,11 @@ class Adapter:
         token ids from :mod:`vtprune.testing.tiny`)."""
         raise NotImplementedError(f"{cls.__name__} has no tiny test model")
 
+    @classmethod
+    def tiny_init(cls, model: nn.Module, generator: torch.Generator) -> None:
+        """Weights the random initialisation leaves degenerate in a tiny model (e.g. a zero-initialised
+        projection), given values from ``generator``."""
+
     def tiny_image(self, image_size: tuple[int, int], seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
         """One image of a tiny prompt: its placeholder tokens and its pixel inputs (batch dim 1)."""
         raise NotImplementedError(f"{type(self).__name__} has no tiny test inputs")
@@ -334,7 +342,12 @@ class Adapter:
         return out
 
     # ------------------------------------------------------------------ extension points
+    @property
+    def compact_refusal(self) -> str | None:
+        """Why ``positions="compact"`` is not defined for this family (None: it is)."""
+        return "it uses M-RoPE (compact positions are defined for 1-D RoPE only)" if self.mrope else None
+
     def check(self, methods: list, positions: str) -> None:
         """Family-specific refusals at ``prune()`` time (raise ValueError naming method and model)."""
-        if positions == "compact" and self.mrope:
-            raise ValueError(f"positions='compact' is only defined for 1-D RoPE; {self.family} uses M-RoPE")
+        if positions == "compact" and self.compact_refusal:
+            raise ValueError(f"positions='compact' is not defined for {self.family}: {self.compact_refusal}")

@@ -284,7 +284,7 @@ class Engine:
         if m is None:
             return hidden, None
         cache = compat.cache_in(kwargs)
-        return hidden, surgery.layer_kwargs(self.adapter, fwd, l, m, kwargs, hidden, self.compact, cache)
+        return hidden, surgery.layer_kwargs(self.adapter, fwd, l, m, kwargs, hidden, self.compact, cache, call.kwargs)
 
     # ================================================================== selection
     def _run(self, step: Step, fwd: Forward, cur: IndexMap, tokens: torch.Tensor | None, stats: PruneStats, *,

@@ -59,7 +59,7 @@ def decode_inputs(adapter: Adapter, call: Call, gen: Generation, kwargs: dict, c
 
 
 def layer_kwargs(adapter: Adapter, fwd: Forward, l: int, m: IndexMap, kwargs: dict, hidden: torch.Tensor,
-                 compact: bool, cache: Any) -> dict[str, Any]:
+                 compact: bool, cache: Any, vlm_kwargs: dict) -> dict[str, Any]:
     """Per-layer kwargs computed by the model for the LLM input, cut to the map ``m`` (memoised for the
     layers of this forward that share them)."""
     objs = (m, kwargs.get("attention_mask"), kwargs.get("position_embeddings"))
@@ -77,7 +77,7 @@ def layer_kwargs(adapter: Adapter, fwd: Forward, l: int, m: IndexMap, kwargs: di
     elif pe is not None:
         new["position_embeddings"] = tuple(take(t, index) for t in pe)
     cut = LayerCut(kv_index=index, kv_valid=m.valid, q_index=index, mask2d=fwd.attend(m).long(), hidden=hidden,
-                   cache=cache, decode=False)
+                   cache=cache, decode=False, orig=fwd.original(m, True), vlm_kwargs=vlm_kwargs)
     mask = adapter.cut_layer_mask(l, kwargs.get("attention_mask"), cut)
     if mask is not None or kwargs.get("attention_mask") is not None:
         new["attention_mask"] = mask
@@ -106,7 +106,7 @@ def layer_decode_kwargs(adapter: Adapter, call: Call, l: int, hidden: torch.Tens
     cut = LayerCut(kv_index=torch.cat([m.index.clamp(min=0), tail], dim=1),
                    kv_valid=torch.cat([m.valid, ones.bool()], dim=1), q_index=None,
                    mask2d=torch.cat([(gen.base_mask.gather(1, m.index.clamp(min=0)) * m.valid).long(), ones], dim=1),
-                   hidden=hidden, cache=call.cache, decode=True)
+                   hidden=hidden, cache=call.cache, decode=True, vlm_kwargs=call.kwargs)
     cut_mask = adapter.cut_layer_mask(l, mask, cut)
     if cut_mask is not None or mask is not None:
         new["attention_mask"] = cut_mask

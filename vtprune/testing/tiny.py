@@ -52,12 +52,15 @@ def _adapter_class(family: str) -> Any:
 def build(family: str, attn: str = "sdpa", *, seed: int = 0, dtype: torch.dtype = torch.float32,
           text_layers: int = 3) -> torch.nn.Module:
     """A tiny model of ``family`` (its adapter's ``tiny_config``) with seeded random weights."""
-    cfg, cls = _adapter_class(family).tiny_config(text_layers)
+    adapter = _adapter_class(family)
+    cfg, cls = adapter.tiny_config(text_layers)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     model.generation_config.pad_token_id = PAD
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # a zero padding embedding would hide a padding slot leaking into real tokens
-        model.get_input_embeddings().weight[PAD].normal_(generator=torch.Generator().manual_seed(seed + 1))
+        model.get_input_embeddings().weight[PAD].normal_(generator=g)
+    adapter.tiny_init(model, g)
     return model
 
 
