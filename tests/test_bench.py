@@ -24,6 +24,21 @@ def test_speed_bench_smoke_on_the_tiny_proxy(tmp_path):
     assert (tmp_path / "bench.csv").exists()
 
 
+def test_bench_repeats_until_the_control_resolves_e(tmp_path):
+    """E is paired per repetition (ideal and pruned back to back) and reported with its 95% CI; repetitions go on
+    past the minimum until the unpruned-vs-itself control's CI is within ``spread`` (or max_reps)."""
+    from vtprune.bench.speed import run
+
+    kw = dict(out_dir=tmp_path, methods=[("kcenter", {})], budgets=(64,), plot=False)
+    easy = {r["method"]: r for r in run(["tiny"], reps=3, max_reps=6, spread=1.0, **kw)}
+    hard = {r["method"]: r for r in run(["tiny"], reps=3, max_reps=5, spread=1e-9, **kw)}
+    assert easy["none"]["reps"] == 3 and hard["none"]["reps"] == 5 and hard["kcenter"]["reps"] == 5
+    for rows in (easy, hard):
+        control = rows["none"]
+        assert math.isfinite(control["E_ci"]) and 0.5 < control["E_scaled"] < 2.0  # the model against itself
+        assert 0 < rows["kcenter"]["E_parts"] <= 1.0
+
+
 def test_selection_cost_bench_at_two_context_lengths(tmp_path):
     from vtprune.bench.speed import selection
 

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="proxies: llava-1.5-7b, qwen2-vl-7b, tiny (CI smoke)")
     bench.add_argument("--methods", nargs="*", help="names or specs such as fastv:layer=2 (default: every method)")
     bench.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
-    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--reps", type=int, default=3, help="repetitions at least")
+    bench.add_argument("--max-reps", type=int, default=None,
+                       help="repeat up to this many times until the control's E is known to +-spread")
+    bench.add_argument("--spread", type=float, default=0.01, help="target 95%% CI half-width of the control's E")
     bench.add_argument("--out", default="out")
     bench.add_argument("--selection", action="store_true",
                        help="only the selection cost vs the unpruned prefill, at 576 and 6336 visual tokens")
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             for proxy in args.proxy:
                 selection(proxy, images=tuple(args.images), reps=args.reps, methods=methods, out_dir=args.out)
             return 0
-        run_bench(args.proxy, out_dir=args.out, reps=args.reps, methods=methods, budgets=tuple(args.budgets))
+        run_bench(args.proxy, out_dir=args.out, reps=args.reps, methods=methods, budgets=tuple(args.budgets),
+                  max_reps=args.max_reps, spread=args.spread)
     elif args.command == "accuracy":
         from vtprune.bench.accuracy import ACC_METHODS, DEFAULT_MODEL, run as run_accuracy
 

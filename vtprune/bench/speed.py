@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import statistics
 import threading
 import time
@@ -167,7 +168,7 @@ class Bench:
     def __init__(self, proxy: str, methods: list[tuple[str, dict]] | None = None, budgets: tuple[int, ...] = BUDGETS,
                  reps: int = 3, decode_steps: int = 4, generate_tokens: int = 8, progress: bool = True,
                  images: int = 1, policy: str = "per_frame", selection_only: bool = False,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, max_reps: int | None = None, spread: float = 0.01) -> None:
         self.proxy: Proxy = PROXIES[proxy]
         self.model = build_proxy(proxy)
         self.inputs = proxy_inputs(self.model, self.proxy, images=images)
@@ -176,6 +177,8 @@ class Bench:
         self.methods = methods if methods is not None else BENCH_METHODS
         self.budgets = budgets
         self.reps, self.decode_steps, self.generate_tokens = reps, decode_steps, generate_tokens
+        # repetitions continue past ``reps`` until the unpruned-vs-itself control's E is known to +-spread
+        self.max_reps, self.spread = max(reps, max_reps or reps), spread
         self.progress = progress
         self.n_visual = int(self.adapter.visual_masks(self.inputs["input_ids"], None)["image"].sum())
         self._vision_inputs = {k: v for k, v in self.inputs.items() if k in ("pixel_values", "image_grid_thw")}
@@ -271,12 +274,14 @@ class Bench:
                 label = name + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
                 configs.append((Result(self.proxy.name, name, label, budget, kept, schedule), method))
         warm = 1 if self.warmup else 0
-        rounds = range(self.reps + warm)  # round 0 warms up every configuration
+        bar = None
         if self.progress:
             from tqdm import tqdm
 
-            rounds = tqdm(rounds, desc=f"bench {self.proxy.name}")
-        for rep in rounds:
+            bar = tqdm(total=self.reps + warm, desc=f"bench {self.proxy.name}")
+        rep = 0
+        while rep < self.reps + warm or (rep < self.max_reps + warm and not self.selection_only
+                                          and paired_e(base, self, base)[1] > self.spread):
             for r, method in configs:
                 ctx = (vtprune.prune(self.model, method, keep=r.budget, budget=self.policy) if method is not None
                        else nullcontext())
@@ -292,6 +297,12 @@ class Bench:
                 r.raw.append(run)
                 r.direct.append(direct)
                 r.peak_mb = max(r.peak_mb, mem["peak"])
+            rep += 1
+            if bar is not None:
+                bar.total = max(bar.total, rep)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         if self.selection_only:
             return [r for r, _ in configs]
         for r, method in configs:  # decode, generate, KV bytes, FLOPs: once per configuration
@@ -342,9 +353,13 @@ class Bench:
 
     # ------------------------------------------------------------------------------------ scaling
     def scaled(self, r: Result, runs: list[Run] | list[list[Run]], base: Result) -> float:
-        """Median prefill with the proxy's decoder layers replaced by the real depth's schedule: every real
-        layer costs what a proxy layer measured at the same token count (from this run, or the unpruned
-        baseline for the full count), and ViT layers are scaled to the real ViT depth."""
+        """Median prefill with the proxy's decoder layers replaced by the real depth's schedule."""
+        return _median(self.scaled_runs(r, runs, base))
+
+    def scaled_runs(self, r: Result, runs: list[Run] | list[list[Run]], base: Result) -> list[float]:
+        """Per repetition, the prefill with the proxy's decoder layers replaced by the real depth's schedule:
+        every real layer costs what a proxy layer measured at the same token count (from this run, or the
+        unpruned baseline for the full count), and ViT layers are scaled to the real ViT depth."""
         full = _median([statistics.mean(run.llm) for run in base.raw])
         per_run = []
         for group in runs:
@@ -356,7 +371,7 @@ class Bench:
             other = run.total - sum(run.llm) - sum(run.vit)
             vit = statistics.mean(run.vit) * self.proxy.vision_layers if run.vit else 0.0
             per_run.append(other + vit + sum(table[n + self.n_text] for n in r.schedule))
-        return _median(per_run)
+        return per_run
 
     def report(self, results: list[Result]) -> list[dict]:
         base = results[0]
@@ -382,7 +397,9 @@ class Bench:
                 "speedup_raw": t_base_raw / raw, "speedup_scaled": t_base_scaled / scaled,
                 # raw E only where the direct run IS the ideal (pruning before the LLM)
                 "E_raw": _median([d[0].total for d in r.direct]) / raw if r.schedule[0] == r.kept else float("nan"),
-                "E_scaled": direct_scaled / scaled, "select_ms": _median([run.select_ms for run in r.raw]),
+                "E_scaled": paired_e(r, self, base)[0], "E_ci": paired_e(r, self, base)[1], "reps": len(r.raw),
+                "E_parts": direct_scaled / (direct_scaled + _median([run.select_ms for run in r.raw])),
+                "select_ms": _median([run.select_ms for run in r.raw]),
                 "select_pct": 100 * _median([run.select_ms for run in r.raw]) / t_base_scaled,
                 "decode_raw_ms": _median(r.decode), "decode_scaled_ms": decode_scaled,
                 "generate_raw_ms": _median(r.generate),
@@ -397,13 +414,28 @@ class Bench:
         return rows
 
 
+def paired_e(r: Result, bench: Bench, base: Result) -> tuple[float, float]:
+    """E of a configuration from paired repetitions: per repetition, the ideal prefill (the same model fed only
+    the kept tokens) over the pruned one, measured back to back; returns their geometric mean and the relative
+    half-width of its 95% confidence interval (1.96 sd / sqrt(n) of the log ratios; inf below 3 repetitions).
+    For the unpruned configuration this is the control: the model against itself, whose spread is the
+    resolution of every E."""
+    if not r.raw or not r.direct or not r.direct[0]:
+        return float("nan"), float("inf")
+    logs = [math.log(d / p) for d, p in zip(bench.scaled_runs(r, r.direct, base), bench.scaled_runs(r, r.raw, base))]
+    if len(logs) < 3:
+        return math.exp(statistics.mean(logs)), float("inf")
+    return math.exp(statistics.mean(logs)), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+
+
 def run(proxies: list[str], out_dir: str | Path = "out", reps: int = 3, methods: list[tuple[str, dict]] | None = None,
-        budgets: tuple[int, ...] = BUDGETS, plot: bool = True) -> list[dict]:
+        budgets: tuple[int, ...] = BUDGETS, plot: bool = True, max_reps: int | None = None,
+        spread: float = 0.01) -> list[dict]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for name in proxies:
-        bench = Bench(name, methods=methods, budgets=budgets, reps=reps)
+        bench = Bench(name, methods=methods, budgets=budgets, reps=reps, max_reps=max_reps, spread=spread)
         results = bench.run()
         rows += bench.report(results)
         del bench
