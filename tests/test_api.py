@@ -210,6 +210,7 @@ def test_stats_report_per_stage_and_per_layer(model):
             model(**inputs)
     s = h.stats
     assert s.visual_before == [16, 16] and s.visual_after == [3, 3]
+    assert s.overhead_ms >= s.select_ms > 0  # the hooks' whole time: selection, signals, layouts, cutting
     assert [st.stage for st in s.stages] == ["vision", "layer:2"]
     assert [st.after for st in s.stages] == [[8, 8], [3, 3]]
     assert s.mean_visual_per_layer == pytest.approx([(8 + 8 + 3) / 3] * 2)

@@ -57,6 +57,9 @@ class PruneStats:
     mean_visual_per_layer: list[float] = field(default_factory=list)
     # first decoder layer -> per sample, the ORIGINAL positions present from that layer on (0 = LLM input)
     positions_by_layer: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # wall time spent inside vtprune's hooks for this prefill (layouts, signals, selection, cutting), ms: what
+    # pruning costs beyond the model's own compute (the bench's "E from timed parts")
+    overhead_ms: float = 0.0
 
     def positions_at(self, layer: int) -> list[torch.Tensor]:
         """Per sample, the original positions that decoder layer ``layer`` sees."""

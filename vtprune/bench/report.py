@@ -20,7 +20,8 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['E_parts']:>8.3f}{r['select_ms']:>8.1f}{r['select_pct']:>7.2f}{r['kv_vs_ideal']:>9.2f}{r['reps']:>5}")
     print("\nraw = the proxy as built (few layers); scaled = its layers replaced by the real depth's schedule.")
     print("E = ideal / pruned prefill, paired per repetition, geometric mean +- 95% CI; E parts = ideal / (ideal + "
-          "selection ms). Control: the unpruned model against itself (method 'none'), its CI the resolution of E.")
+          "time inside vtprune's hooks). Control: the unpruned model against itself (method 'none'), its CI the "
+          "resolution of the paired E.")
     for r in rows:
         if r["method"] == "none":
             print(f"  control {r['proxy']:<14} E={r['E_scaled']:.4f} +-{100 * r['E_ci']:.2f}% over {r['reps']} reps")

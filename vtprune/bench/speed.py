@@ -138,6 +138,7 @@ class Run:
     vit: list[float]
     head: float
     select_ms: float = 0.0
+    overhead_ms: float = 0.0  # all time inside vtprune's hooks (selection, signals, layouts, cutting)
 
 
 @dataclass
@@ -294,6 +295,7 @@ class Bench:
                 if rep < warm:
                     continue
                 run.select_ms = h.stats.select_ms if h is not None else 0.0
+                run.overhead_ms = h.stats.overhead_ms if h is not None else 0.0
                 r.raw.append(run)
                 r.direct.append(direct)
                 r.peak_mb = max(r.peak_mb, mem["peak"])
@@ -366,8 +368,11 @@ class Bench:
             group = group if isinstance(group, list) else [group]
             run = group[0]  # times everything outside the decoder layers
             table = {self.n_visual + self.n_text: full}
+            seen: dict[int, list[float]] = defaultdict(list)  # every proxy layer timed at a count: their mean
             for g in group:
-                table.update({n: t for t, n in zip(g.llm, g.llm_tokens)})
+                for t, n in zip(g.llm, g.llm_tokens):
+                    seen[n].append(t)
+            table.update({n: statistics.mean(ts) for n, ts in seen.items()})
             other = run.total - sum(run.llm) - sum(run.vit)
             vit = statistics.mean(run.vit) * self.proxy.vision_layers if run.vit else 0.0
             per_run.append(other + vit + sum(table[n + self.n_text] for n in r.schedule))
@@ -398,7 +403,8 @@ class Bench:
                 # raw E only where the direct run IS the ideal (pruning before the LLM)
                 "E_raw": _median([d[0].total for d in r.direct]) / raw if r.schedule[0] == r.kept else float("nan"),
                 "E_scaled": paired_e(r, self, base)[0], "E_ci": paired_e(r, self, base)[1], "reps": len(r.raw),
-                "E_parts": direct_scaled / (direct_scaled + _median([run.select_ms for run in r.raw])),
+                "E_parts": direct_scaled / (direct_scaled + _median([run.overhead_ms for run in r.raw])),
+                "overhead_ms": _median([run.overhead_ms for run in r.raw]),
                 "select_ms": _median([run.select_ms for run in r.raw]),
                 "select_pct": 100 * _median([run.select_ms for run in r.raw]) / t_base_scaled,
                 "decode_raw_ms": _median(r.decode), "decode_scaled_ms": decode_scaled,
@@ -415,14 +421,23 @@ class Bench:
 
 
 def paired_e(r: Result, bench: Bench, base: Result) -> tuple[float, float]:
-    """E of a configuration from paired repetitions: per repetition, the ideal prefill (the same model fed only
-    the kept tokens) over the pruned one, measured back to back; returns their geometric mean and the relative
-    half-width of its 95% confidence interval (1.96 sd / sqrt(n) of the log ratios; inf below 3 repetitions).
-    For the unpruned configuration this is the control: the model against itself, whose spread is the
-    resolution of every E."""
+    """E of a configuration from paired repetitions (the ideal prefill -- the same model fed only the kept tokens
+    -- and the pruned one, measured back to back), with the relative half-width of its 95% confidence interval
+    (1.96 sd / sqrt(n) of the per-repetition log E; inf below 3 repetitions).
+
+    Pruning before the LLM: per repetition, the extra time of the pruned proxy prefill over the ideal one
+    (selection, signals, cutting: costs that do not grow with depth) against the ideal prefill at the real
+    depth, E_i = ideal / (ideal + extra_i); whole-prefill differences carry no per-layer noise, which scaling
+    would multiply by the depth. Inside the LLM (the ideal is assembled from runs at each count): the ratio of
+    the scaled prefills per repetition. The unpruned configuration is the control: the model against itself."""
     if not r.raw or not r.direct or not r.direct[0]:
         return float("nan"), float("inf")
-    logs = [math.log(d / p) for d, p in zip(bench.scaled_runs(r, r.direct, base), bench.scaled_runs(r, r.raw, base))]
+    if r.schedule[0] == r.kept:  # every layer sees the kept tokens: the direct run is the whole ideal
+        ideal = _median(bench.scaled_runs(r, r.direct, base))
+        logs = [math.log(ideal / (ideal + p.total - d[0].total)) for p, d in zip(r.raw, r.direct)]
+    else:
+        logs = [math.log(d / p) for d, p in zip(bench.scaled_runs(r, r.direct, base),
+                                                bench.scaled_runs(r, r.raw, base))]
     if len(logs) < 3:
         return math.exp(statistics.mean(logs)), float("inf")
     return math.exp(statistics.mean(logs)), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))

@@ -8,6 +8,7 @@ asks (:mod:`vtprune.engine.view`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -125,6 +126,7 @@ class Captures:
             fwd = call.fwd
             x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             x_out = output[0] if isinstance(output, tuple) else output
+            t0 = time.perf_counter()
             m = fwd.map_at(l) or fwd.base_identity()
             with torch.no_grad():
                 stats = statistic(x_in, x_out, fwd.attend(m))
@@ -132,5 +134,6 @@ class Captures:
                 for key, value in stats.items():  # (B, Lc) -> (B, L0)
                     base = torch.zeros_like(fwd.base_mask, dtype=torch.float32)
                     parts[(part, key)] = base.scatter_(1, m.index.clamp(min=0), torch.where(m.valid, value, 0.0))
+            call.stats.overhead_ms += (time.perf_counter() - t0) * 1e3
 
         return hook

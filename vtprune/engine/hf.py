@@ -14,6 +14,7 @@ KV cache object its prefill filled.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,7 @@ class Engine:
                     out = original(*args, **kwargs)
                 finally:
                     self._pending = None
+                t0 = time.perf_counter()
                 self.adapter.image_layouts(modality, args, kwargs, out, record)
                 record.produced = list(record.images)
                 feats = pooled(out)
@@ -130,6 +132,7 @@ class Engine:
                     pass
                 if self.call is not None:  # made inside a forward (pixels passed to it): the features it places
                     self.call.produced[modality] = record
+                record.meta["overhead_ms"] = (time.perf_counter() - t0) * 1e3
                 return out
 
             return get_features
@@ -150,6 +153,15 @@ class Engine:
         return self._decode(call, kwargs, cache)
 
     def _prefill(self, call: Call, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        t0 = time.perf_counter()
+        out = self._prefill_cut(call, args, kwargs)
+        if call.stats is not None and call.phase == "prefill":
+            records = call.fwd.records if call.fwd is not None else []
+            call.stats.overhead_ms += (time.perf_counter() - t0) * 1e3 + sum(
+                r.meta.get("overhead_ms", 0.0) for r in records)
+        return out
+
+    def _prefill_cut(self, call: Call, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
         masks = self.adapter.visual_masks(call.input_ids, call.inputs_embeds) if embeds is not None else {}
         if not masks or any(m.shape != embeds.shape[:2] for m in masks.values()) or not any(
@@ -240,7 +252,9 @@ class Engine:
             call.last_layer = l
             hidden = args[0] if args else kwargs["hidden_states"]
             if call.phase == "prefill" and call.fwd is not None:
+                t0 = time.perf_counter()
                 hidden, new = self._layer_prefill(call, l, hidden, kwargs)
+                call.stats.overhead_ms += (time.perf_counter() - t0) * 1e3
             elif call.phase == "decode" and call.gen is not None:
                 new = surgery.layer_decode_kwargs(self.adapter, call, l, hidden, kwargs) or None
             else:
