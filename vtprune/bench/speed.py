@@ -24,10 +24,8 @@ import csv
 import dataclasses
 import math
 import statistics
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 
 import vtprune
 from vtprune.api import adapter_for
+from vtprune.bench.clocks import LayerClock, rss_peak, sync
 from vtprune.bench.proxies import PROXIES, Proxy, build_proxy, proxy_inputs
 from vtprune.bench.report import plot_rows as _plot
 from vtprune.bench.report import print_rows as _print
@@ -51,81 +50,6 @@ BENCH_METHODS: list[tuple[str, dict]] = [
     ("debiased_attention", {"coef": (0.0,)}),  # a fixed flat trend: costs what a fitted one does, needs no calibration
 ]
 BUDGETS = (192, 128, 64)
-
-
-@contextmanager
-def _rss_peak() -> Any:
-    """Peak resident memory above the starting point while the block runs (MB); CUDA: allocator peak."""
-    box = {"peak": 0.0}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        yield box
-        box["peak"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-        return
-    import psutil
-
-    proc = psutil.Process()
-    start = proc.memory_info().rss
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            box["peak"] = max(box["peak"], (proc.memory_info().rss - start) / 2**20)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield box
-    finally:
-        stop.set()
-        thread.join()
-
-
-class LayerClock:
-    """Forward hooks that time every decoder layer, ViT layer and the LM head (CUDA-synchronised)."""
-
-    def __init__(self, model: torch.nn.Module, adapter: Any) -> None:
-        self.times: dict[str, list[float]] = defaultdict(list)
-        self.tokens: dict[str, list[int]] = defaultdict(list)
-        self._handles = []
-        parts = [(f"llm.{i}", m) for i, m in enumerate(adapter.decoder_layers)]
-        parts += [(f"vit.{i}", m) for i, m in enumerate(adapter.vit_layers())]
-        head = model.get_output_embeddings()
-        if head is not None:
-            parts.append(("head", head))
-        for name, module in parts:
-            self._handles.append(module.register_forward_pre_hook(self._start(name), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._stop(name), with_kwargs=True))
-        self._t0: dict[str, float] = {}
-
-    def _start(self, name: str) -> Callable:
-        def hook(module, args, kwargs):
-            _sync()
-            self._t0[name] = time.perf_counter()
-        return hook
-
-    def _stop(self, name: str) -> Callable:
-        def hook(module, args, kwargs, out):
-            _sync()
-            self.times[name].append((time.perf_counter() - self._t0[name]) * 1e3)
-            y = out[0] if isinstance(out, tuple) else out
-            self.tokens[name].append(int(y.shape[-2]) if y.dim() >= 2 else 1)  # what the layer processed
-        return hook
-
-    def reset(self) -> None:
-        self.times.clear()
-        self.tokens.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 @dataclass
@@ -241,7 +165,7 @@ class Bench:
             return self._prefill_timed(embeds)
 
     def _prefill_timed(self, embeds: torch.Tensor | None = None) -> Run:
-        _sync()
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             if embeds is not None:  # the same model, given the image, with only the kept tokens reaching the LLM
@@ -249,7 +173,7 @@ class Bench:
                 self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             else:
                 self.model(**self.inputs, use_cache=True, logits_to_keep=1)
-        _sync()
+        sync()
         total = (time.perf_counter() - t0) * 1e3
         depth = self.proxy.proxy_text_layers
         return Run(total=total, llm=[self.clock.times[f"llm.{i}"][0] for i in range(depth)],
@@ -286,7 +210,7 @@ class Bench:
             for r, method in configs:
                 ctx = (vtprune.prune(self.model, method, keep=r.budget, budget=self.policy) if method is not None
                        else nullcontext())
-                with ctx as h, _rss_peak() as mem:
+                with ctx as h, rss_peak() as mem:
                     run = self._prefill()
                 # the ideal: no pruner, each stage's count fed directly (the last one first: it times
                 # everything outside the decoder layers)
@@ -324,17 +248,17 @@ class Bench:
             tok = out.logits[:, -1].argmax(-1)[:, None]
             for _ in range(self.decode_steps):
                 self.clock.reset()
-                _sync()
+                sync()
                 t0 = time.perf_counter()
                 out = self.model(input_ids=tok, **with_cache(cache), use_cache=True)
-                _sync()
+                sync()
                 r.decode.append((time.perf_counter() - t0) * 1e3)
                 r.decode_llm.append(sum(self.clock.times[f"llm.{i}"][0] for i in range(self.proxy.proxy_text_layers)))
                 tok = out.logits[:, -1].argmax(-1)[:, None]
-            _sync()
+            sync()
             t0 = time.perf_counter()
             self.model.generate(**self.inputs, max_new_tokens=self.generate_tokens, do_sample=False)
-            _sync()
+            sync()
             r.generate.append((time.perf_counter() - t0) * 1e3)
 
     def _flops(self, r: Result) -> None:

@@ -9,9 +9,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from vtprune.bench.clocks import sync
 from vtprune.compat import cache_in
 
 
@@ -24,11 +24,6 @@ class Timing:
 
     def __str__(self) -> str:
         return f"{self.median_ms:.1f} ms [{self.min_ms:.1f}-{self.max_ms:.1f}]"
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1,
@@ -55,10 +50,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], reps: int = 5, warmup
     for _ in rounds:
         for name, fn in fns.items():
             with ctx(name):
-                _sync()
+                sync()
                 t0 = time.perf_counter()
                 fn()
-                _sync()
+                sync()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: Timing(statistics.median(v), min(v), max(v), len(v)) for name, v in samples.items()}
 
@@ -90,7 +85,7 @@ class PrefillClock:
 
     def _start(self) -> None:
         if self._t0 is None:
-            _sync()
+            sync()
             self._t0 = time.perf_counter()
             self._started = self._on_start() if self._on_start is not None else None
 
@@ -104,7 +99,7 @@ class PrefillClock:
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._t0 is None:
             return
-        _sync()
+        sync()
         self.ms = (time.perf_counter() - self._t0) * 1e3
         started, self._t0, self._started = self._started, None, None
         if self._on_stop is not None:
