@@ -12,7 +12,11 @@ How the numbers are made (DESIGN, "Measuring speed honestly"):
   projector, selection, hooks) is counted once, as measured.
 * Efficiency E = prefill of the same model fed only the kept tokens, with no pruner (its vision tower and
   projector still encode the image; for in-LLM methods the layers before K see every token) / pruned
-  prefill. Raw and scaled figures are both printed.
+  prefill, paired: each pruned prefill is followed by its ideal, E is the geometric mean of the per-repetition
+  ratios with a 95% CI (``paired_e``), and repetitions go on until the unpruned-vs-itself control is resolved
+  to +-``spread``. *E parts* is the second estimate: ideal / (ideal + the time spent inside vtprune's hooks).
+* Speed-ups are ratios of medians of runs minutes apart (unpaired): a shared machine's drift shows in them,
+  which the paired E does not see. Raw and scaled figures are both printed.
 * KV-cache bytes are read from the cache after prefill (per layer) and scaled the same way; the "ideal"
   is what a cache holding exactly the schedule's tokens would take. FLOPs come from FlopCounterMode,
   per module, scaled the same way. Peak memory: CUDA's allocator on GPU, sampled process RSS on CPU.
