@@ -138,3 +138,34 @@ def test_prefill_clock_times_the_vision_tower_that_generate_runs_first(family):
     assert len(stops) == 1  # the prefill only, not the 2 decode steps
     ms, rows, started = stops[0]
     assert ms >= 60 and clock.ms == ms and rows == 2 and started == "started"
+
+
+def test_paired_e_recovers_a_planted_overhead_without_scaling_layer_noise():
+    """In-LLM pruning (2 of 4 proxy layers at the full count, the rest at the kept one; real depth 32): the
+    pruned run costs 3 ms more than its ideal, and its kept-count layers run +-0.1 ms off the ideal run's from
+    one repetition to the next. E must be ideal / (ideal + 3) with a CI under 1%: the layer jitter enters once
+    per proxy layer (+-0.2 ms), not once per real layer (+-3 ms, a ~4% CI, what scaling both runs gave)."""
+    from types import SimpleNamespace
+
+    from vtprune.bench.speed import Bench, Result, Run, paired_e
+
+    bench = Bench.__new__(Bench)
+    bench.n_visual, bench.n_text = 576, 10
+    bench.proxy = SimpleNamespace(vision_layers=0, text_layers=32, proxy_text_layers=4)
+    full, kept = 586, 74
+
+    def run(layers: list[float], tokens: list[int], other: float) -> Run:
+        return Run(total=other + sum(layers), llm=layers, llm_tokens=tokens, vit=[], head=0.0)
+
+    base = Result("p", "none", "none", 576, 576, [576] * 32)
+    base.raw = [run([10.0] * 4, [full] * 4, 5.0) for _ in range(3)]
+    base.direct = [[run([10.0] * 4, [full] * 4, 5.0)] for _ in range(3)]
+    pruned = Result("p", "fastv", "fastv", 64, 64, [576] * 2 + [64] * 30)
+    for jitter in (0.0, 0.1, -0.1):
+        t = 2.0 + jitter
+        pruned.raw.append(run([10.0, 10.0, t, t], [full, full, kept, kept], 5.0 + 3.0))
+        pruned.direct.append([run([2.0] * 4, [kept] * 4, 5.0)])
+    e, ci = paired_e(pruned, bench, base)
+    ideal = 5.0 + 2 * 10.0 + 30 * 2.0
+    assert e == pytest.approx(ideal / (ideal + 3.0), rel=1e-3) and ci < 0.01
+    assert paired_e(base, bench, base) == pytest.approx((1.0, 0.0))  # the control

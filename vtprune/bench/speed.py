@@ -290,21 +290,26 @@ class Bench:
         """Per repetition, the prefill with the proxy's decoder layers replaced by the real depth's schedule:
         every real layer costs what a proxy layer measured at the same token count (from this run, or the
         unpruned baseline for the full count), and ViT layers are scaled to the real ViT depth."""
-        full = _median([statistics.mean(run.llm) for run in base.raw])
         per_run = []
         for group in runs:
             group = group if isinstance(group, list) else [group]
             run = group[0]  # times everything outside the decoder layers
-            table = {self.n_visual + self.n_text: full}
-            seen: dict[int, list[float]] = defaultdict(list)  # every proxy layer timed at a count: their mean
-            for g in group:
-                for t, n in zip(g.llm, g.llm_tokens):
-                    seen[n].append(t)
-            table.update({n: statistics.mean(ts) for n, ts in seen.items()})
+            table = self.layer_table(group, base)
             other = run.total - sum(run.llm) - sum(run.vit)
             vit = statistics.mean(run.vit) * self.proxy.vision_layers if run.vit else 0.0
             per_run.append(other + vit + sum(table[n + self.n_text] for n in r.schedule))
         return per_run
+
+    def layer_table(self, group: list[Run], base: Result) -> dict[int, float]:
+        """Decoder-layer time (ms) by the number of tokens the layer sees: the mean over the group's layers
+        timed at that count; the full count from the unpruned baseline's median."""
+        table = {self.n_visual + self.n_text: _median([statistics.mean(run.llm) for run in base.raw])}
+        seen: dict[int, list[float]] = defaultdict(list)
+        for g in group:
+            for t, n in zip(g.llm, g.llm_tokens):
+                seen[n].append(t)
+        table.update({n: statistics.mean(ts) for n, ts in seen.items()})
+        return table
 
     def report(self, results: list[Result]) -> list[dict]:
         base = results[0]
@@ -353,19 +358,21 @@ def paired_e(r: Result, bench: Bench, base: Result) -> tuple[float, float]:
     -- and the pruned one, measured back to back), with the relative half-width of its 95% confidence interval
     (1.96 sd / sqrt(n) of the per-repetition log E; inf below 3 repetitions).
 
-    Pruning before the LLM: per repetition, the extra time of the pruned proxy prefill over the ideal one
-    (selection, signals, cutting: costs that do not grow with depth) against the ideal prefill at the real
-    depth, E_i = ideal / (ideal + extra_i); whole-prefill differences carry no per-layer noise, which scaling
-    would multiply by the depth. Inside the LLM (the ideal is assembled from runs at each count): the ratio of
-    the scaled prefills per repetition. The unpruned configuration is the control: the model against itself."""
+    Per repetition, E_i = ideal / (ideal + extra_i): ``ideal`` the scaled ideal prefill at the real depth,
+    ``extra_i`` what the pruned proxy prefill took beyond the ideal proxy prefill with the same per-layer
+    token counts (the ideal run's time outside the decoder layers plus, for each proxy layer, the ideal
+    layer time at the count that layer saw). Selection, signals, cutting and any slowdown of a layer by the
+    cut land in ``extra_i``, which is not multiplied by the depth: per-layer noise is not either. Before the
+    LLM the ideal proxy prefill is exactly the ideal run. The unpruned configuration is the control: the
+    model against itself."""
     if not r.raw or not r.direct or not r.direct[0]:
         return float("nan"), float("inf")
-    if r.schedule[0] == r.kept:  # every layer sees the kept tokens: the direct run is the whole ideal
-        ideal = _median(bench.scaled_runs(r, r.direct, base))
-        logs = [math.log(ideal / (ideal + p.total - d[0].total)) for p, d in zip(r.raw, r.direct)]
-    else:
-        logs = [math.log(d / p) for d, p in zip(bench.scaled_runs(r, r.direct, base),
-                                                bench.scaled_runs(r, r.raw, base))]
+    ideal = _median(bench.scaled_runs(r, r.direct, base))
+    logs = []
+    for pruned, group in zip(r.raw, r.direct):
+        table, d = bench.layer_table(group, base), group[0]
+        ideal_proxy = d.total - sum(d.llm) + sum(table.get(n, t) for t, n in zip(pruned.llm, pruned.llm_tokens))
+        logs.append(math.log(ideal / (ideal + pruned.total - ideal_proxy)))
     if len(logs) < 3:
         return math.exp(statistics.mean(logs)), float("inf")
     return math.exp(statistics.mean(logs)), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
