@@ -12,8 +12,9 @@ question whose answer needs the video, most of them its motion or its timeline:
 
 ``generate(out_dir, n, seed)`` writes ``videos/*.mp4`` plus ``annotations.json`` and ``annotations.csv``
 (video, question, options, answer), the format ``scripts/video_qa.py`` reads. Everything is drawn from
-``numpy.random.default_rng([seed, index])``: the same seed gives the same questions, pixels and (with the
-single-threaded encoder used here) the same mp4 bytes. ``python -m vtprune.synthetic_video --out DIR``.
+``numpy.random.default_rng([seed, index])``: the same seed gives the same questions and pixels (the mp4
+bytes, from a single-threaded encoder, were equal in every run but one under heavy load).
+``python -m vtprune.synthetic_video --out DIR``.
 """
 
 from __future__ import annotations
