@@ -29,8 +29,9 @@ def _qwen35(types: list[str], attn: str = "sdpa") -> torch.nn.Module:
     return model
 
 
-def _generate_equals_reference(model, method, **kwargs) -> None:
-    """Cached generate() against the uncached masked reference (recurrent layers run on the present tokens)."""
+def _generate_and_reference(model, method, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decode step, (cached generate()'s logits, the uncached masked reference's logits); recurrent layers
+    run on the present tokens in the reference."""
     inputs = make_inputs(model, rows_for(model), padding="left")
     L = inputs["input_ids"].shape[1]
     with vtprune.prune(model, method, **kwargs) as handle:
@@ -38,13 +39,15 @@ def _generate_equals_reference(model, method, **kwargs) -> None:
                              output_logits=True)
         stats = handle.stats
     assert stats.pruned
+    pairs = []
     for step, logits in enumerate(out.logits):
         ids = out.sequences[:, : L + step]
         mask = torch.cat([inputs["attention_mask"], torch.ones(len(ids), step, dtype=torch.long)], 1)
         types = (ids == model.config.image_token_id).int() + 2 * (ids == model.config.video_token_id).int()
         ref = masked_forward(model, {**inputs, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types},
                              stats)[:, -1]
-        torch.testing.assert_close(logits, ref, atol=ATOL, rtol=RTOL)
+        pairs.append((logits, ref))
+    return pairs
 
 
 # ------------------------------------------------------------------------------------------------ Qwen3.5
@@ -58,7 +61,10 @@ def _generate_equals_reference(model, method, **kwargs) -> None:
     ([L_, F_, L_, F_], "kcenter", {"ratio": 0.6}),  # before the LLM: every layer sees the kept tokens only
 ], ids=["random@1-llfl", "kcenter@2-llfl", "fastv@2-lflf", "kcenter-lflf"])
 def test_qwen35_hybrid_decoder_keeps_its_linear_state_consistent(types, method, kwargs, attn):
-    _generate_equals_reference(_qwen35(types, attn), method, **kwargs)
+    pairs = _generate_and_reference(_qwen35(types, attn), method, **kwargs)
+    assert len(pairs) == 4  # every decode step compared
+    for got, ref in pairs:
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_qwen35_scores_only_from_attention_layers():
