@@ -15,7 +15,12 @@ STAMP_OLD := $(VENV_OLD)/.installed
 # Spin-waiting OpenMP threads are ~10x slower on shared cores.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test test-oldest install clean
+# The vLLM plugin's tests run in their own venv: vLLM's CPU build beside PyPI's CUDA build of torch 2.13.0 (which
+# runs on CPU; the only torch its torchvision loads beside), see scripts/setup_vllm.sh.
+VENV_VLLM := .venv-vllm
+STAMP_VLLM := $(VENV_VLLM)/.installed
+
+.PHONY: demo test test-oldest test-vllm install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +40,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/vtprune demo --out out
 
-test: $(STAMP) $(LMMS)
+test: $(STAMP) $(LMMS) $(STAMP_VLLM)
 	$(BIN)/python -m pytest -q
+	$(VENV_VLLM)/bin/python -m pytest -q tests/vllm_host
+
+$(STAMP_VLLM): pyproject.toml Makefile scripts/setup_vllm.sh
+	PYTHON=$(PYTHON) scripts/setup_vllm.sh $(VENV_VLLM)
+	touch $(STAMP_VLLM)
+
+# The vLLM plugin's tests alone (engines on the synthetic model, a served model, tensor parallelism).
+test-vllm: $(STAMP_VLLM)
+	$(VENV_VLLM)/bin/python -m pytest -q tests/vllm_host
 
 # The same suite at the oldest supported transformers (CI runs both ends of the range).
 $(STAMP_OLD): pyproject.toml Makefile
@@ -54,4 +68,4 @@ test-oldest: $(STAMP_OLD) $(LMMS_OLD)
 	$(VENV_OLD)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(VENV_OLD) out .pytest_cache
+	rm -rf $(VENV) $(VENV_OLD) $(VENV_VLLM) out .pytest_cache

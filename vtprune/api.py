@@ -232,6 +232,39 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
         raise ValueError(f"method {m.name!r} cannot act inside the LLM")
 
 
+def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio: float | None = None, *,
+         keep: int | None = None, layer: int | Sequence[int] | None = None, budget: str = "per_frame",
+         positions: str = "original", **method_kwargs: Any) -> list[Step]:
+    """The validated steps of a ``prune()`` call on ``adapter``'s family, in the order they run (every host
+    plans with this: the Hugging Face host on a model, the vLLM host on a model config)."""
+    methods = _resolve_methods(method, layer, method_kwargs)
+    if ratio is not None and keep is not None:
+        raise ValueError(f"give ratio= or keep=, not both (got ratio={ratio!r}, keep={keep!r})")
+    if ratio is not None:
+        check_ratio(ratio)
+    if keep is not None:
+        check_keep(keep)
+    check_policy(budget)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(map(repr, POSITIONS))}")
+    methods = [sub for m in methods for sub in m.resolve(adapter.num_layers).expand(adapter.num_layers)]
+    steps = []
+    for m in methods:
+        _check_supported(adapter, m, positions)
+        own = m.ratio is not None or m.keep is not None
+        r, k = (m.ratio, m.keep) if own else (ratio, keep)
+        if r is None and k is None:
+            raise ValueError(f"method {m.name!r} has no budget: give prune(..., ratio=...) or keep=...")
+        b = Budget(ratio=r, keep=k, policy=budget)
+        if not m.layers:
+            steps.append(Step(m, b, m.stage, None))
+        for K in m.layers:  # layer 0's input IS the LLM input: it runs with the pre-LLM steps
+            steps.append(Step(m, b, f"layer:{K}", K if K > 0 else None))
+    adapter.check(methods, positions)
+    steps.sort(key=lambda s: (1, s.layer) if s.layer is not None else (0, _STAGE_ORDER.get(s.label, 2)))
+    return steps
+
+
 def prune(
     model: nn.Module,
     method: str | Method | Sequence[str | Method],
@@ -261,36 +294,12 @@ def prune(
         **method_kwargs: the method's own options (e.g. ``seed=1`` for "random").
     """
     compat.check_transformers()
-    methods = _resolve_methods(method, layer, method_kwargs)
-    if ratio is not None and keep is not None:
-        raise ValueError(f"give ratio= or keep=, not both (got ratio={ratio!r}, keep={keep!r})")
-    if ratio is not None:
-        check_ratio(ratio)
-    if keep is not None:
-        check_keep(keep)
-    check_policy(budget)
-    if positions not in POSITIONS:
-        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(map(repr, POSITIONS))}")
     adapter = adapter_for(model)
     impl = adapter.attn_implementation()
     if impl.startswith("flex"):
         raise ValueError(f"attn_implementation={impl!r} is not supported (its BlockMask cannot be cut); use sdpa, "
                          "eager or flash_attention_2")
-    methods = [sub for m in methods for sub in m.resolve(adapter.num_layers).expand(adapter.num_layers)]
-    steps = []
-    for m in methods:
-        _check_supported(adapter, m, positions)
-        own = m.ratio is not None or m.keep is not None
-        r, k = (m.ratio, m.keep) if own else (ratio, keep)
-        if r is None and k is None:
-            raise ValueError(f"method {m.name!r} has no budget: give prune(..., ratio=...) or keep=...")
-        b = Budget(ratio=r, keep=k, policy=budget)
-        if not m.layers:
-            steps.append(Step(m, b, m.stage, None))
-        for K in m.layers:  # layer 0's input IS the LLM input: it runs with the pre-LLM steps
-            steps.append(Step(m, b, f"layer:{K}", K if K > 0 else None))
-    adapter.check(methods, positions)
-    steps.sort(key=lambda s: (1, s.layer) if s.layer is not None else (0, _STAGE_ORDER.get(s.label, 2)))
+    steps = plan(adapter, method, ratio, keep=keep, layer=layer, budget=budget, positions=positions, **method_kwargs)
 
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None:
@@ -305,4 +314,4 @@ def prune(
 
 
 __all__ = ["POLICIES", "POSITIONS", "PruneHandle", "adapter_for", "handle_of", "list_methods", "list_models", "method",
-           "prune"]
+           "plan", "prune"]

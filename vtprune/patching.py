@@ -46,14 +46,15 @@ class Patcher:
         """Set ``obj.name = value``; undo restores the previous instance attribute or deletes it."""
         old = obj.__dict__.get(name, _MISSING)
         # nn.Module.__setattr__ would register Modules/Parameters; bypass it so the swap stays a plain
-        # attribute and the undo is exact.
-        object.__setattr__(obj, name, value)
+        # attribute and the undo is exact. A class (a host's patch of a runner class) takes type.__setattr__.
+        setter = type.__setattr__ if isinstance(obj, type) else object.__setattr__
+        setter(obj, name, value)
 
         def restore() -> None:
             if old is _MISSING:
-                obj.__dict__.pop(name, None)
+                delattr(obj, name) if isinstance(obj, type) else obj.__dict__.pop(name, None)
             else:
-                object.__setattr__(obj, name, old)
+                setter(obj, name, old)
 
         self._undo.append((what or f"attribute {type(obj).__name__}.{name}", restore))
 

@@ -180,9 +180,13 @@ class Adapter:
     def vit_layers(self) -> nn.ModuleList:
         raise NotImplementedError
 
+    def num_vit_layers(self) -> int:
+        """Layers of the vision tower as its config defines them (vit_layer indices count these)."""
+        return len(self.vit_layers())
+
     def feature_hidden_index(self, vit_layer: int | None) -> int:
         """Normalised hidden-states index (0 = embeddings) of ``vit_layer`` (None: the feature layer)."""
-        n = len(self.vit_layers())
+        n = self.num_vit_layers()
         layer = self.config.vision_feature_layer if vit_layer is None else vit_layer
         if isinstance(layer, (list, tuple)):  # multi-layer features: score with the deepest one
             layer = max(li % (n + 1) for li in layer)

@@ -24,14 +24,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from vtprune import compat
 from vtprune.adapters.base import Adapter, VisionRecord
-from vtprune.budget import span_ids
 from vtprune.engine import loss, surgery
 from vtprune.engine.capture import Captures
 from vtprune.engine.layout import build_layout, placed, pooled
-from vtprune.engine.selection import Candidates, Selected, select
+from vtprune.engine.selection import Selected
 from vtprune.engine.sequence import compact_positions, kept_order
 from vtprune.engine.state import Call, Forward, Generation, IndexMap, LossCall, Step
-from vtprune.engine.view import StageView
+from vtprune.engine.steps import run_pre_llm, run_step
 from vtprune.kernels import gather_sequence
 from vtprune.types import PruneStats
 
@@ -185,15 +184,7 @@ class Engine:
                           base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
             call.fwd, call.phase, call.last_layer = fwd, "prefill", -1
             call.stats = PruneStats(visual_before=layout.visual.sum(1).tolist())
-            cur = fwd.base
-            for step in self.pre_steps:
-                chosen = self._run(step, fwd, cur, None, call.stats, grad=grad)
-                if chosen.changed:
-                    if chosen.merged is not None:  # before the LLM: merged values go into the embeddings
-                        rows, slots, vals = chosen.merged
-                        fwd.embeds = fwd.embeds.clone() if fwd.embeds is fwd.projected else fwd.embeds
-                        fwd.embeds[rows, cur.index.clamp(min=0)[rows, slots]] = vals.to(fwd.embeds.dtype)
-                    cur = cur.then(*kept_order(chosen.keep))
+            cur = run_pre_llm(self.adapter, self.pre_steps, fwd, call.stats, grad=grad)
             fwd.base = cur
             index = cur.index.clamp(min=0)  # (B, L0)
             fwd.base_mask = mask0.gather(1, index) * cur.valid
@@ -304,25 +295,8 @@ class Engine:
     def _run(self, step: Step, fwd: Forward, cur: IndexMap, tokens: torch.Tensor | None, stats: PruneStats, *,
              local: torch.Tensor | None = None, prev: IndexMap | None = None, layer_kwargs: dict | None = None,
              grad: bool = False) -> Selected:
-        """One step on the current sequence: its candidates in current coordinates, the selection core."""
-        with torch.no_grad():
-            lay = fwd.layout
-            orig = fwd.original(cur, step.layer is not None)  # (B, Lc) original positions
-            key = ("spans", step.budget.policy)
-            if key not in fwd.cache:  # span ids of the prompt's candidates, and their sizes
-                ids0, owner = span_ids(step.budget.policy, lay.image, lay.frame, lay.cand)
-                fwd.cache[key] = (ids0, owner, torch.bincount(ids0[ids0 >= 0], minlength=owner.numel()))
-            ids0, owner, size0 = fwd.cache[key]
-            cand = cur.valid & lay.cand.gather(1, orig)
-            line = lay.line.gather(1, orig)
-            c = Candidates(valid=cur.valid, cand=cand, span=torch.where(cand, ids0.gather(1, orig), -1),
-                           span_owner=owner, span_size=size0, image=lay.image.gather(1, orig),
-                           frame=lay.frame.gather(1, orig), line=line,
-                           structural=cur.valid & ~cand & lay.visual.gather(1, orig) & (line >= 0))
-            view = StageView(self.adapter, fwd, step, orig, tokens, local, prev, cur, layer_kwargs)
-            chosen = select(step, c, view, self.adapter.num_layers, grad=grad)
-        stats.stages.append(chosen.stage)
-        return chosen
+        return run_step(self.adapter, step, fwd, cur, tokens, stats, local=local, prev=prev,
+                        layer_kwargs=layer_kwargs, grad=grad)
 
     def _finish_stats(self, call: Call) -> None:
         fwd = call.fwd

@@ -1,0 +1,229 @@
+"""vtprune's adapters over vLLM's model implementations.
+
+Each is the Hugging Face adapter of the family (its token layout, its ViT signal formulas, its projector
+structure) with the module accessors pointed at vLLM's modules. Built from the model config alone (planning
+at engine start, kept counts in the prompt processor) or from the loaded model (the worker). Tensor
+parallelism: every rank holds the whole projector output and vision features (after the layers' all-reduce),
+and the q / k weights a ViT signal needs are gathered once, so every rank selects the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from vtprune.adapters.base import Adapter, VisionRecord
+from vtprune.adapters.llava import LlavaAdapter
+from vtprune.adapters.qwen2_5_vl import Qwen2_5VLAdapter
+from vtprune.signals import ProjectorMLP
+
+#: capture sources the vLLM host serves (no decoder ones: in-LLM methods are out of its scope)
+VISION_SOURCES = frozenset({"sequence", "vit_attention", "vit_output", "projector_input", "pixels"})
+
+
+def _tp_world() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except (ImportError, AssertionError, RuntimeError):  # no vLLM, or no distributed group (tests on plain modules)
+        return 1
+
+
+def _gather_rows(w: torch.Tensor) -> torch.Tensor:
+    """The full weight of a tensor-parallel shard split along dim 0 (all ranks call this together)."""
+    if _tp_world() == 1:
+        return w
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(w.contiguous(), dim=0)
+
+
+def _gather_cols(w: torch.Tensor) -> torch.Tensor:
+    if _tp_world() == 1:
+        return w
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(w.contiguous(), dim=1)
+
+
+def _Linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:  # noqa: N802  (reads as a layer)
+    """A plain ``nn.Linear`` over a vLLM parallel linear's (whole) weights: what the adapter formulas and
+    zeroth_order's closed form take."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    with torch.inference_mode(False):  # vLLM runs under inference mode; methods cache on tensor versions
+        layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def local_weight(layer: nn.Module) -> torch.Tensor:
+    """(out_local, in_local) weight of a vLLM linear layer on this rank. Read through the layer's own kernel on an
+    identity matrix (exact: one non-zero term per output), because vLLM's CPU build repacks the weights for
+    oneDNN and drops ``layer.weight``."""
+    w = getattr(layer, "weight", None)
+    if w is not None and w.dim() == 2 and w.numel():
+        return w
+    n_in = int(getattr(layer, "input_size_per_partition", 0) or layer.input_size)
+    dtype = getattr(layer, "params_dtype", torch.float32)
+    bias = getattr(layer, "bias", None)
+    dev = bias.device if bias is not None else torch.device("cpu")
+    with torch.no_grad():
+        return layer.quant_method.apply(layer, torch.eye(n_in, dtype=dtype, device=dev), bias=None).T.contiguous()
+
+
+class _DenseAttention:
+    """The q / k projections of a vLLM ViT attention with a fused ``qkv_proj`` (CLIP, SigLIP), shaped like the
+    Hugging Face module the adapter's formulas take (``q_proj``, ``k_proj``, ``num_heads``, ``scale``)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        d, heads = attn.head_dim, attn.num_heads_per_partition
+        w, b = local_weight(attn.qkv_proj), attn.qkv_proj.bias
+        rows = heads * d  # this rank's q rows, then k rows, then v rows
+        self.q_proj = _Linear(_gather_rows(w[:rows]), None if b is None else _gather_rows(b[:rows]))
+        self.k_proj = _Linear(_gather_rows(w[rows : 2 * rows]), None if b is None else _gather_rows(b[rows : 2 * rows]))
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, d, attn.scale
+
+
+class VllmAdapter(Adapter):
+    """What every vLLM adapter changes: built from a config (and the model once loaded), pre-LLM stages only."""
+
+    stages: ClassVar[frozenset[str]] = frozenset({"vision", "input"})
+    sources: ClassVar[frozenset[str]] = VISION_SOURCES
+    vllm_architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, hf_config: Any, model: nn.Module | None = None) -> None:  # noqa: D107
+        self.model = self.vlm = model  # type: ignore[assignment]
+        self.config = hf_config
+        self._shims: dict[int, Any] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get_text_config().num_hidden_layers)
+
+    def _loaded(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("this vtprune vLLM adapter was built from a config; it has no model modules")
+        return self.model
+
+    def attn_implementation(self) -> str:
+        return "vllm"
+
+
+class VllmLlava(VllmAdapter, LlavaAdapter):
+    """LLaVA-1.5 as vLLM runs it (``vllm/model_executor/models/llava.py``): CLIP / SigLIP built only up to the
+    feature layer, a fused ``qkv_proj``, the projector's parallel linears."""
+
+    family = "llava"
+    vllm_architectures = ("LlavaForConditionalGeneration",)
+
+    @property
+    def has_cls(self) -> bool:  # type: ignore[override]
+        return self.config.vision_config.model_type == "clip_vision_model"
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self._loaded().vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self._loaded().multi_modal_projector
+
+    def vit_layers(self) -> nn.ModuleList:
+        return self.vision_tower.vision_model.encoder.layers
+
+    def num_vit_layers(self) -> int:  # vLLM may build fewer (only up to the feature layer)
+        return int(self.config.vision_config.num_hidden_layers)
+
+    def vit_attention(self, vit_layer: int | None) -> nn.Module:
+        h = self.feature_hidden_index(vit_layer)
+        if h == 0:
+            raise ValueError("vit_layer selects the patch embeddings, which have no attention; choose a layer >= 1")
+        if self.model is None:  # planning: the range check is all
+            return None  # type: ignore[return-value]
+        return self.vit_layers()[h - 1].self_attn
+
+    def vit_depth(self, steps: list) -> int:
+        """The deepest ViT layer the steps' signals read (vLLM builds the tower only up to the feature layer;
+        the model builds it deeper when a signal needs it)."""
+        from vtprune.engine.capture import capture_points
+
+        depths = [l for (source, l) in capture_points(self, steps) if source in ("vit_attention", "vit_output")]
+        return max(depths, default=0)
+
+    def _shim(self, attn: nn.Module) -> _DenseAttention:
+        if id(attn) not in self._shims:
+            self._shims[id(attn)] = _DenseAttention(attn)
+        return self._shims[id(attn)]
+
+    def cls_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        return super().cls_attention(self._shim(attn), cap, record)  # type: ignore[arg-type]
+
+    def received_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        return super().received_attention(self._shim(attn), cap, record)  # type: ignore[arg-type]
+
+    def vit_keys(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        return super().vit_keys(self._shim(attn), cap, record)  # type: ignore[arg-type]
+
+    def projector_parts(self) -> ProjectorMLP | None:
+        p = self.projector
+        if "parts" not in self._shims:  # column-parallel linear_1 (rows sharded), row-parallel linear_2 (columns)
+            l1, l2 = p.linear_1, p.linear_2
+            self._shims["parts"] = ProjectorMLP(
+                _Linear(_gather_rows(local_weight(l1)), None if l1.bias is None else _gather_rows(l1.bias)), p.act,
+                _Linear(_gather_cols(local_weight(l2)), l2.bias))
+        return self._shims["parts"]
+
+    def projector_fn(self) -> Any:
+        from vtprune.signals import Projector
+
+        parts = self.projector_parts()
+        return Projector(lambda x: parts.lin2(parts.act(parts.lin1(x))), parts)
+
+    def num_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens of one image before pruning (the processor's count)."""
+        return self.tile_tokens(self.config.vision_feature_select_strategy)[1]
+
+    def record(self, n_images: int) -> VisionRecord:
+        """The layout of one encoder call's images (all the same size: one tile each)."""
+        T, P, _ = self.tile_tokens(self.config.vision_feature_select_strategy)
+        record = VisionRecord(modality="image", tokens_per_tile=T, features_per_tile=P, n_vit=T * n_images)
+        record.images = [self._tile_layout(i, T, P) for i in range(n_images)]
+        record.produced = list(record.images)
+        return record
+
+
+class VllmQwen2_5_VL(VllmAdapter, Qwen2_5VLAdapter):
+    """Qwen2.5-VL as vLLM runs it (``vllm/model_executor/models/qwen2_5_vl.py``). Signals of the token sequence
+    (the merger's output) only: vLLM's vision tower differs from transformers' in its packing, so the ViT-side
+    signals are refused at engine start rather than computed approximately."""
+
+    family = "qwen2_5_vl"
+    vllm_architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    sources = frozenset({"sequence"})
+
+    def num_tokens_grid(self, grid_thw: list[int]) -> int:
+        t, h, w = grid_thw
+        return t * (h // self.merge) * (w // self.merge)
+
+    def record(self, grid_thw: torch.Tensor, modality: str = "image") -> VisionRecord:
+        record = VisionRecord(modality=modality)
+        self.image_layouts(modality, (), {f"{modality}_grid_thw": grid_thw}, None, record)
+        record.produced = list(record.images)
+        return record
+
+
+FAMILIES: dict[str, type[VllmAdapter]] = {
+    arch: cls for cls in (VllmLlava, VllmQwen2_5_VL) for arch in cls.vllm_architectures}
+
+
+def family_for(hf_config: Any, architecture: str, model: nn.Module | None = None) -> VllmAdapter:
+    """The vLLM adapter of ``architecture``; a clear error for the ones the plugin does not cover."""
+    cls = FAMILIES.get(architecture)
+    if cls is None:
+        raise ValueError(f"vtprune's vLLM plugin does not support architecture {architecture!r}; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    return cls(hf_config, model)

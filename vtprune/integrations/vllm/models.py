@@ -1,0 +1,242 @@
+"""vLLM model classes with vtprune's pruning, registered for the architectures the plugin covers.
+
+Each subclasses vLLM's own class and behaves exactly like it unless the model config carries a vtprune plan
+(``additional_config={"vtprune": ...}``, checked at engine start). With one:
+
+* the prompt processor gives each image the placeholder count its budget keeps (known from the image's size);
+* ``embed_multimodal`` runs vLLM's encoder path with vtprune's captures, then the plan's steps
+  (:class:`~vtprune.integrations.vllm.host.VllmHost`), and returns each image's kept rows, with the kept
+  tokens' original offsets in extra columns when positions are original;
+* ``get_mrope_input_positions`` / ``recompute_mrope_positions`` place text as if unpruned and every kept token
+  at its original position (:mod:`~vtprune.integrations.vllm.positions`).
+
+This module imports vLLM; the plugin's entry point registers it by name, so importing vtprune never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    _build_llava_or_pixtral_hf_info,
+    _build_llava_or_pixtral_hf_processor,
+)
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+from vtprune.integrations.vllm import positions
+from vtprune.integrations.vllm.config import Plan, plan_of
+from vtprune.integrations.vllm.host import VllmHost
+from vtprune.integrations.vllm.runner import enable_pruning_path
+from vtprune.patching import Patcher
+
+_PLANS: dict[int, tuple[Any, Plan | None]] = {}
+
+
+def _plan(hf_config: Any, architecture: str) -> Plan | None:
+    """The plan on a model config, parsed once per config object."""
+    hit = _PLANS.get(id(hf_config))
+    if hit is None or hit[0] is not hf_config:
+        hit = (hf_config, plan_of(hf_config, architecture))
+        _PLANS[id(hf_config)] = hit
+    return hit[1]
+
+
+def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Callable[[Any, str, int], int]) -> Any:
+    """A processor factory whose processors give each media item the placeholder count its budget keeps.
+    ``frames(out_mm_kwargs, modality, item)``: the item's frames (the spans of a per-frame budget)."""
+
+    def build(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
+        proc = factory(info, dummy_inputs, **kwargs)
+        plan = _plan(info.get_hf_config(), architecture)
+        if plan is None:
+            return proc
+        original = proc._get_prompt_updates
+
+        def updates(mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Sequence[Any]:
+            out = []
+            for u in original(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+                if not isinstance(u, PromptReplacement):
+                    out.append(u)
+                    continue
+                out.append(PromptReplacement(modality=u.modality, target=u.target,
+                                             replacement=_shrunk(u, plan, lambda i, m=u.modality: frames(
+                                                 out_mm_kwargs, m, i))))
+            return out
+
+        Patcher().set_attr(proc, "_get_prompt_updates", updates, what="vtprune: pruned placeholder counts")
+        return proc
+
+    return build
+
+
+def _shrunk(update: PromptReplacement, plan: Plan, frames_of: Callable[[int], int]) -> Callable[[int], Any]:
+    """The replacement of ``update`` with its run of placeholders cut to the kept count."""
+    token = update.target[0] if isinstance(update.target, list) and len(update.target) == 1 else None
+
+    def replacement(item: int) -> Any:
+        full = update.replacement(item) if callable(update.replacement) else update.replacement
+        seq = full.full if isinstance(full, PromptUpdateDetails) else full
+        if token is None or not isinstance(seq, list) or any(t != token for t in seq):
+            raise NotImplementedError(f"vtprune: the {update.modality} placeholder of this model is not one run of "
+                                      "tokens; the plugin cannot shrink it")
+        return [token] * plan.kept_item(len(seq), frames_of(item))
+
+    return replacement
+
+
+def _host(model: torch.nn.Module, vllm_config: Any, architecture: str) -> VllmHost | None:
+    hf_config = vllm_config.model_config.hf_config
+    if _plan(hf_config, architecture) is None:
+        return None
+    host = VllmHost(plan_of(hf_config, architecture, model))
+    if host.plan.original_positions:
+        enable_pruning_path()
+    return host
+
+
+# ====================================================================== LLaVA-1.5
+@MULTIMODAL_REGISTRY.register_processor(
+    pruning_processor(_build_llava_or_pixtral_hf_processor, "LlavaForConditionalGeneration", lambda *a: 1),
+    info=_build_llava_or_pixtral_hf_info, dummy_inputs=LlavaDummyInputsBuilder)
+class PrunedLlava(LlavaForConditionalGeneration, SupportsMRoPE, SupportsMultiModalPruning):
+    """vLLM's LLaVA with vtprune's pre-LLM pruning (1-D RoPE: original positions ride vLLM's M-RoPE path)."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._feature_layers: list[int] | None = None
+        plan = _plan(self.config, "LlavaForConditionalGeneration")
+        if plan is not None:
+            depth = plan.adapter.vit_depth(plan.steps)
+            if depth > plan.adapter.feature_hidden_index(None):  # a signal reads a layer past the features
+                self._build_tower(vllm_config, depth, prefix)
+        self.vtprune = _host(self, vllm_config, "LlavaForConditionalGeneration")
+
+    def _build_tower(self, vllm_config: Any, depth: int, prefix: str) -> None:
+        from vllm.model_executor.models.clip import CLIPVisionModel
+        from vllm.model_executor.models.siglip import SiglipVisionModel
+        from vllm.model_executor.models.utils import maybe_prefix
+
+        cls = CLIPVisionModel if self.config.vision_config.model_type == "clip_vision_model" else SiglipVisionModel
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_tower = cls(self.config.vision_config, quant_config=vllm_config.quant_config,
+                                    num_hidden_layers_override=depth, require_post_norm=False,
+                                    prefix=maybe_prefix(prefix, "vision_tower"))
+        layer = self.config.vision_feature_layer
+        self._feature_layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+
+    def _image_pixels_to_features(self, vision_tower: Any, pixel_values: Any) -> Any:
+        if self._feature_layers is None:
+            return super()._image_pixels_to_features(vision_tower, pixel_values)
+        return vision_tower(pixel_values, select_layers=self._feature_layers,
+                            feature_select_strategy=self.config.vision_feature_select_strategy)
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        host = self.vtprune
+        if host is None:
+            return super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            raise ValueError("vtprune: this model prunes images it encodes itself; it was given precomputed "
+                             f"{image_input['type']} (send the images, or serve without the vtprune config)")
+        pixels = image_input["pixel_values"]
+        record = host.adapter.record(int(pixels.shape[0]))
+        kept = host.encode(record, lambda: self._process_image_input(image_input), pixels)
+        if not host.plan.original_positions:
+            return [f for f, _ in kept]
+        return [torch.cat([f, positions.offset_columns(torch.stack([i, i * 0, i * 0], 1), f.dtype)], 1)
+                for f, i in kept]
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        n = self.vtprune.adapter.num_tokens(0, 0)
+        media = [(f.mm_position.offset, f.mm_position.length, n)
+                 for f in sorted(mm_features, key=lambda f: f.mm_position.offset)]
+        return positions.prompt_positions(len(input_tokens), media, one_d=True)
+
+    def recompute_mrope_positions(self, input_ids: Any, multimodal_embeddings: Sequence[torch.Tensor],
+                                  mrope_positions: torch.Tensor,
+                                  num_computed_tokens: int) -> tuple[Any, torch.Tensor, int]:
+        ph = torch.as_tensor(input_ids, device=mrope_positions.device).eq(self.config.image_token_index)
+        out, pos = positions.recompute(multimodal_embeddings, mrope_positions, num_computed_tokens, ph, one_d=True)
+        return out, pos, positions.decode_delta(pos, ph)
+
+
+# ====================================================================== Qwen2.5-VL
+def _qwen_frames(out_mm_kwargs: Any, modality: str, item: int) -> int:
+    return int(out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data[0]) if modality == "video" else 1
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    pruning_processor(Qwen2_5_VLMultiModalProcessor, "Qwen2_5_VLForConditionalGeneration", _qwen_frames),
+    info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPruning):
+    """vLLM's Qwen2.5-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions)."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune = _host(self, vllm_config, "Qwen2_5_VLForConditionalGeneration")
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        host = self.vtprune
+        if host is None:
+            return super().embed_multimodal(**kwargs)
+        out: tuple[torch.Tensor, ...] = ()
+        for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if inp["type"] not in ("pixel_values", "pixel_values_videos"):
+                raise ValueError("vtprune: this model prunes images and videos it encodes itself; it was given "
+                                 f"precomputed {inp['type']}")
+            grid = inp[f"{modality}_grid_thw"]
+            record = host.adapter.record(grid, modality)
+            run = (lambda i=inp: self._process_image_input(i)) if modality == "image" else \
+                (lambda i=inp: self._process_video_input(i))
+            kept = host.encode(record, run)
+            t_factor = self._t_factors(inp, modality)
+            for (f, idx), lay, tf in zip(kept, record.images, t_factor):
+                g = lay.grid.to(idx.device)[idx]  # (k, 3): frame, row, col in the merged grid
+                offs = torch.stack([(g[:, 0].double() * tf).long(), g[:, 1], g[:, 2]], 1)
+                out += (torch.cat([f, positions.offset_columns(offs, f.dtype)], 1),)
+        return out
+
+    def _t_factors(self, inp: Any, modality: str) -> list[float]:
+        n = int(inp[f"{modality}_grid_thw"].shape[0])
+        if modality == "image":
+            return [1.0] * n
+        tps = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
+        secs = inp.get("second_per_grid_ts")
+        return [tps * float(s) for s in secs.tolist()] if secs is not None else [tps] * n
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        feats = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        media = []
+        for f, (offset, t, h, w, tf) in zip(feats, self.iter_mm_grid_thw(feats)):
+            extent = max(int((t - 1) * tf), h - 1, w - 1) + 1  # transformers' get_rope_index: max(t, h, w) + 1
+            media.append((offset, f.mm_position.length, extent))
+        return positions.prompt_positions(len(input_tokens), media, one_d=False)
+
+    def recompute_mrope_positions(self, input_ids: Any, multimodal_embeddings: Sequence[torch.Tensor],
+                                  mrope_positions: torch.Tensor,
+                                  num_computed_tokens: int) -> tuple[Any, torch.Tensor, int]:
+        ids = torch.as_tensor(input_ids, device=mrope_positions.device)
+        ph = ids.eq(self.config.image_token_id) | ids.eq(self.config.video_token_id)
+        out, pos = positions.recompute(multimodal_embeddings, mrope_positions, num_computed_tokens, ph, one_d=False)
+        return out, pos, positions.decode_delta(pos, ph)
+
+
+#: architecture -> "module:class", what the plugin registers with vLLM's model registry
+MODELS = {
+    "LlavaForConditionalGeneration": f"{__name__}:PrunedLlava",
+    "Qwen2_5_VLForConditionalGeneration": f"{__name__}:PrunedQwen2_5_VL",
+}
