@@ -56,7 +56,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from vtprune.synthetic import scenes  # noqa: E402
 from vtprune.synthetic.eval import evaluate  # noqa: E402
-from vtprune.synthetic.model import ModelSpec, build_model  # noqa: E402
+from vtprune.synthetic.model import ModelSpec, build_model, canonical_llava_layout  # noqa: E402
 from vtprune.synthetic.tokenizer import build_processor, prompt  # noqa: E402
 
 IGNORE = -100
@@ -615,6 +615,7 @@ def ship_model(model: nn.Module, processor, out: Path, summary: dict[str, Any]) 
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out)
+    canonical_llava_layout(out)  # the llava-hf layout vLLM loads (transformers loads both)
     processor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--selection", action="store_true",
                        help="only the selection cost vs the unpruned prefill, at 576 and 6336 visual tokens")
     bench.add_argument("--images", nargs="+", type=int, default=[1, 11], help="with --selection: images per prompt")
+    bench.add_argument("--host", choices=["hf", "vllm"], default="hf",
+                       help="vllm: throughput / time to first token of vLLM with vtprune's plugin (the vLLM venv); "
+                            "--proxy then names synthetic and / or llava-1.5-7b")
+    bench.add_argument("--prompts", type=int, default=32, help="with --host vllm: requests per timed batch")
     acc = sub.add_parser("accuracy", help="accuracy of every method x budget on the offline synthetic VQA benchmark")
     acc.add_argument("--model", default=None, help="model directory (default: the shipped models/synthetic-llava)")
     acc.add_argument("--samples", type=int, default=500)
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     acc.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64, 32, 16])
     acc.add_argument("--seeds", type=int, default=3, help="seeds averaged for random")
     acc.add_argument("--out", default="out")
+    acc.add_argument("--host", choices=["hf", "vllm"], default="hf",
+                     help="transformers (every method) or vLLM with vtprune's plugin (its methods; the vLLM venv)")
     from vtprune.video_qa import add_arguments as video_qa_arguments
 
     video_qa_arguments(sub.add_parser("video-qa", help="answer, score and time a video question set (docs/video.md)"))
@@ -67,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.bench.speed import BENCH_METHODS, run as run_bench
 
         methods = _selected(BENCH_METHODS, args.methods)
+        if args.host == "vllm":
+            from vtprune.integrations.vllm.bench import run as run_vllm_bench
+
+            models = [p for p in args.proxy if p != "qwen2-vl-7b"] if args.proxy != bench.get_default("proxy") \
+                else ["synthetic", "llava-1.5-7b"]
+            run_vllm_bench(models, methods, budgets=tuple(args.budgets), prompts=args.prompts, reps=args.reps,
+                           out_dir=args.out)
+            return 0
         if args.selection:
             from vtprune.bench.speed import selection
 
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         methods = _selected(ACC_METHODS, args.methods)
         run_accuracy(args.model or DEFAULT_MODEL, n=args.samples, methods=methods, budgets=tuple(args.budgets),
-                     random_seeds=args.seeds, out_dir=args.out)
+                     random_seeds=args.seeds, out_dir=args.out, host=args.host)
     elif args.command == "video-qa":
         from vtprune.video_qa import run as run_video_qa
 

@@ -70,7 +70,14 @@ def _label(name: str, options: dict) -> str:
 
 def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 500, methods: list[tuple[str, dict]] | None = None,
         budgets: tuple[int, ...] = ACC_BUDGETS, random_seeds: int = 3, batch_size: int = 32,
-        out_dir: str | Path = "out", plot: bool = True, progress: bool = True) -> list[dict]:
+        out_dir: str | Path = "out", plot: bool = True, progress: bool = True, host: str = "hf") -> list[dict]:
+    """The table on ``host``: "hf" (transformers, every method) or "vllm" (the vLLM plugin, its methods; one
+    engine per configuration; needs the vLLM environment)."""
+    if host == "vllm":
+        return _run_vllm(model_dir, n, methods if methods is not None else ACC_METHODS, budgets, random_seeds,
+                         out_dir, plot)
+    if host != "hf":
+        raise ValueError(f"host={host!r}; allowed: 'hf', 'vllm'")
     from vtprune.synthetic.eval import evaluate
     from vtprune.synthetic.scenes import heldout
 
@@ -112,6 +119,37 @@ def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 500, methods: list[tuple
     _print(rows, n, elapsed)
     if plot:
         _plot(rows, out / "accuracy.png", base.accuracy)
+    return rows
+
+
+def _run_vllm(model_dir: str | Path, n: int, methods: list[tuple[str, dict]], budgets: tuple[int, ...],
+              random_seeds: int, out_dir: str | Path, plot: bool) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from vtprune.integrations.vllm.accuracy import cells
+    from vtprune.synthetic.scenes import heldout
+
+    t0 = time.perf_counter()
+    samples = heldout(n)
+    configs = [(name, opts, b) for name, opts in methods for b in budgets]
+    base, cells_, skipped = cells(model_dir, samples, configs, random_seeds, AutoTokenizer.from_pretrained(model_dir))
+    rows = [{"method": "none", "budget": 576, "kept": 576.0, "mean_per_layer": 576.0, "accuracy": base["accuracy"],
+             "retention": 1.0, "spread": 0.0, **{f"acc_{k}": v for k, v in base["per_type"].items()}}]
+    for c in cells_:
+        acc = statistics.mean(c["accs"])
+        rows.append({"method": _label(c["name"], c["options"]), "budget": c["budget"], "kept": c["kept"],
+                     "mean_per_layer": c["kept"], "accuracy": acc,
+                     "retention": acc / base["accuracy"] if base["accuracy"] else float("nan"),
+                     "spread": (max(c["accs"]) - min(c["accs"])) if len(c["accs"]) > 1 else 0.0,
+                     **{f"acc_{k}": statistics.mean(p[k] for p in c["per"]) for k in c["per"][0]}})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(rows, out / "accuracy_vllm.csv")
+    _print(rows, n, time.perf_counter() - t0)
+    for note in skipped:
+        print(f"skipped (vLLM host): {note}")
+    if plot:
+        _plot(rows, out / "accuracy_vllm.png", base["accuracy"])
     return rows
 
 

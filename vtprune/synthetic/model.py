@@ -8,6 +8,7 @@ small; every structural choice a pruning method or adapter relies on is LLaVA-1.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -67,3 +68,29 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, *, seed: in
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     gc.do_sample, gc.max_new_tokens = False, 2
     return model
+
+
+def canonical_llava_layout(path: str | Path) -> None:
+    """Rewrite a saved LLaVA's safetensors in the canonical llava-hf key layout (``vision_tower.vision_model.*``),
+    which both transformers and vLLM load; transformers 5.x's ``save_pretrained`` writes ``vision_tower.*``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                    if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+                   for k, v in tensors.items()}
+        if renamed.keys() != tensors.keys():
+            save_file(renamed, str(file), metadata={**meta, "format": "pt"})
+    index = Path(path) / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        data = json.loads(index.read_text())
+        data["weight_map"] = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+                               else k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))

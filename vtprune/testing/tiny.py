@@ -50,10 +50,13 @@ def _adapter_class(family: str) -> Any:
 
 
 def build(family: str, attn: str = "sdpa", *, seed: int = 0, dtype: torch.dtype = torch.float32,
-          text_layers: int = 3) -> torch.nn.Module:
-    """A tiny model of ``family`` (its adapter's ``tiny_config``) with seeded random weights."""
+          text_layers: int = 3, edit: Any = None) -> torch.nn.Module:
+    """A tiny model of ``family`` (its adapter's ``tiny_config``, changed by ``edit(config)`` if given) with seeded
+    random weights."""
     adapter = _adapter_class(family)
     cfg, cls = adapter.tiny_config(text_layers)
+    if edit is not None:
+        edit(cfg)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     model.generation_config.pad_token_id = PAD

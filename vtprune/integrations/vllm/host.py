@@ -58,8 +58,9 @@ class VllmHost:
         out = self.select(record, feats)
         if self.record:
             with open(self.record, "a") as f:
-                for c, (_, idx) in zip(_checksums(pixels, len(out)), out):
-                    f.write(json.dumps({"checksum": c, "modality": record.modality, "kept": idx.tolist()}) + "\n")
+                for c, im, (_, idx) in zip(_checksums(pixels, len(out)), record.images, out):
+                    f.write(json.dumps({"checksum": c, "modality": record.modality, "tokens": im.num_tokens,
+                                        "kept": idx.tolist()}) + "\n")
         return out
 
     def select(self, record: VisionRecord, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -202,7 +202,9 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPru
             record = host.adapter.record(grid, modality)
             run = (lambda i=inp: self._process_image_input(i)) if modality == "image" else \
                 (lambda i=inp: self._process_video_input(i))
-            kept = host.encode(record, run)
+            pixels = inp.get("pixel_values" if modality == "image" else "pixel_values_videos")
+            per_item = pixels.split(grid.prod(-1).tolist()) if torch.is_tensor(pixels) else None
+            kept = host.encode(record, run, per_item)
             t_factor = self._t_factors(inp, modality)
             for (f, idx), lay, tf in zip(kept, record.images, t_factor):
                 g = lay.grid.to(idx.device)[idx]  # (k, 3): frame, row, col in the merged grid

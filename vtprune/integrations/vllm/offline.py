@@ -65,11 +65,14 @@ def first_words(outputs: Sequence[Any]) -> list[str]:
     return [words[0] if (words := o.outputs[0].text.split()) else "" for o in outputs]
 
 
-def read_kept(path: str | os.PathLike) -> list[tuple[float, list[int]]]:
-    """(pixel checksum, kept indices) of every image an engine configured with ``"record": path`` encoded."""
+def read_kept(path: str | os.PathLike, tokens: bool = False) -> list[tuple]:
+    """(pixel checksum, kept indices[, unpruned tokens]) of every image an engine configured with
+    ``"record": path`` encoded, in encoding order. The checksum is of the pixels the model received (vLLM may
+    normalise them on the device, so it identifies an image within one host)."""
     import json
 
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [(row["checksum"], row["kept"]) for row in map(json.loads, f) if row]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(r["checksum"], r["kept"], r["tokens"]) if tokens else (r["checksum"], r["kept"]) for r in rows]

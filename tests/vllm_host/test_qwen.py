@@ -1,0 +1,89 @@
+"""The vLLM plugin on Qwen2.5-VL (M-RoPE), against transformers: a tiny random checkpoint saved to disk with its
+tokenizer and processor; wide, tall and square images (different grids, so different kept counts under a
+ratio). Kept indices, first-token log-probabilities (they depend on every kept token's (t, h, w) position) and
+greedy answers must equal ``vtprune.prune`` in transformers. The methods are those the plugin runs on Qwen2.5-VL
+(signals of the token sequence); the others are refused at engine start (tests/test_vllm_plugin_core.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vLLM plugin's tests run in the vLLM venv (scripts/setup_vllm.sh)")
+
+import vtprune  # noqa: E402
+from vtprune.integrations.vllm import offline  # noqa: E402
+from vtprune.testing.checkpoints import save_qwen2_5_vl  # noqa: E402
+
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>w{a} w{b} w{c}<|im_end|>\n"
+          "<|im_start|>assistant\n")
+SIZES = [(56, 112), (168, 56), (84, 84), (112, 224), (196, 84)]  # (h, w) pixels: wide, tall, square ...
+CONFIGS = [{"method": "kcenter", "keep": 4}, {"method": "random", "ratio": 0.5}, {"method": "pool", "keep": 6},
+           {"method": "pool", "ratio": 0.75}, {"method": "kcenter", "ratio": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    out = []
+    for i in range(20):
+        h, w = SIZES[i % len(SIZES)]
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        a, b, c = rng.integers(6, 400, 3)
+        out.append((img, PROMPT.format(a=a, b=b, c=c)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
+
+
+def _reference(hf, config, cases):
+    model, processor = hf
+    opts = {k: v for k, v in config.items() if k not in ("method", "keep", "ratio")}
+    out = []
+    with vtprune.prune(model, vtprune.method(config["method"], **opts), keep=config.get("keep"),
+                       ratio=config.get("ratio")) as handle, torch.inference_mode():
+        for img, text in cases:
+            inputs = processor(images=[img], text=[text], return_tensors="pt")
+            lp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+            image_pos = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+            kept = handle.stats.kept_positions[0]
+            idx = (kept[torch.isin(kept, image_pos)] - image_pos[0]).tolist()
+            tok = int(lp.argmax())
+            out.append((int(image_pos.numel()), idx, tok, float(lp[tok])))
+    return out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_same_kept_tokens_positions_and_answers_as_hf(config, ckpt, cases, hf, tmp_path):
+    log = tmp_path / "kept.jsonl"
+    llm = offline.engine(str(ckpt), {**config, "record": str(log)}, limit_mm_per_prompt={"image": 1, "video": 0})
+    outs = offline.generate(llm, [{"prompt": t, "multi_modal_data": {"image": im}} for im, t in cases])
+    del llm
+    kept = offline.read_kept(log, tokens=True)  # in encoding order: the requests' order (one image each)
+    ref = _reference(hf, config, cases)
+    assert len(kept) == len(ref)
+    counts = set()
+    for i, ((n, idx, tok, lp), o, (_, got_idx, got_n)) in enumerate(zip(ref, outs, kept)):
+        assert got_n == n, f"image {i}: vLLM encoded {got_n} tokens, transformers {n}"
+        assert got_idx == idx, f"image {i} ({cases[i][0].size}): vLLM kept {got_idx}, transformers {idx}"
+        counts.add(len(idx))
+        got = o.outputs[0]
+        assert got.token_ids[0] == tok
+        assert math.isclose(got.logprobs[0][tok].logprob, lp, abs_tol=1e-4), (i, got.logprobs[0][tok].logprob, lp)
+    if "ratio" in config:
+        assert len(counts) > 1  # different image sizes kept different counts
