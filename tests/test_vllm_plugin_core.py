@@ -164,3 +164,33 @@ def test_one_d_positions_keep_original_indices():
     p2, d2 = positions.prompt_positions(len(tail), [(1, keep, n)], one_d=True)
     _, p2 = positions.recompute([embeds[0]], p2, 0, tail == 5, one_d=True)
     assert d2 == positions.decode_delta(p2, tail == 5) == 1 + n - len(tail)
+
+
+def test_shipped_checkpoint_is_in_the_layout_vllm_loads(tmp_path):
+    """vLLM loads a LLaVA's vision tower from ``vision_tower.vision_model.*`` only (transformers loads both)."""
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.bench.accuracy import DEFAULT_MODEL
+    from vtprune.synthetic.model import canonical_llava_layout
+
+    with safe_open(DEFAULT_MODEL / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    vision = [k for k in keys if k.startswith("vision_tower.")]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)
+    model = tiny.build("llava")  # what transformers' save_pretrained writes, made canonical
+    model.save_pretrained(tmp_path)
+    canonical_llava_layout(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert all(k.startswith("vision_tower.vision_model.") for k in f.keys() if k.startswith("vision_tower."))
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_unsupported_architecture_is_refused_by_name(llava_config):
+    from vtprune.integrations.vllm.families import family_for
+
+    with pytest.raises(ValueError, match="InternVLChatModel.*supported: LlavaForConditionalGeneration"):
+        family_for(llava_config, "InternVLChatModel")

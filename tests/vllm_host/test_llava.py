@@ -3,9 +3,10 @@
 For every method the plugin runs, one engine (``additional_config={"vtprune": ...}``) answers held-out
 questions; the kept indices of every image must equal ``vtprune.prune`` on the same image in transformers, the
 first answer token's log-probability must match (which it cannot with other positions), and the greedy answers
-must be identical. "Equal" allows one thing: greedy selections (MMR, zeroth_order's SADS) on images with runs of
-near-identical background patches may trade a few near-duplicate tokens, because the hosts' GEMMs (transformers'
-and vLLM's oneDNN) round features ~1e-6 apart; at least 75% of images must match exactly (see same_selection). Runs in the vLLM environment (scripts/setup_vllm.sh); skipped where vLLM is absent.
+must be identical. "Equal" allows one thing: greedy selections (MMR, zeroth_order's SADS) on images with runs
+of near-identical background patches may trade a few near-duplicate tokens, because the hosts' GEMMs
+(transformers' and vLLM's oneDNN) round features ~1e-6 apart; at least 75% of images must match exactly (see
+same_selection). Runs in the vLLM environment (scripts/setup_vllm.sh); skipped where vLLM is absent.
 """
 
 from __future__ import annotations

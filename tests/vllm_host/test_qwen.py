@@ -1,4 +1,4 @@
-"""The vLLM plugin on Qwen2.5-VL (M-RoPE), against transformers: a tiny random checkpoint saved to disk with its
+"""The vLLM plugin on Qwen2.5-VL and Qwen2-VL (M-RoPE), against transformers: tiny random checkpoints saved with their
 tokenizer and processor; wide, tall and square images (different grids, so different kept counts under a
 ratio). Kept indices, first-token log-probabilities (they depend on every kept token's (t, h, w) position) and
 greedy answers must equal ``vtprune.prune`` in transformers. The methods are those the plugin runs on Qwen2.5-VL
@@ -16,7 +16,7 @@ pytest.importorskip("vllm", reason="the vLLM plugin's tests run in the vLLM venv
 
 import vtprune  # noqa: E402
 from vtprune.integrations.vllm import offline  # noqa: E402
-from vtprune.testing.checkpoints import save_qwen2_5_vl  # noqa: E402
+from vtprune.testing.checkpoints import save_qwen  # noqa: E402
 
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>w{a} w{b} w{c}<|im_end|>\n"
           "<|im_start|>assistant\n")
@@ -25,9 +25,9 @@ CONFIGS = [{"method": "kcenter", "keep": 4}, {"method": "random", "ratio": 0.5},
            {"method": "pool", "ratio": 0.75}, {"method": "kcenter", "ratio": 0.5}]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl")
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def ckpt(request, tmp_path_factory):
+    return save_qwen(request.param, tmp_path_factory.mktemp("qwen") / request.param)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def cases():
 
 @pytest.fixture(scope="module")
 def hf(ckpt):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
+    return AutoModelForImageTextToText.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
 
 
 def _reference(hf, config, cases):

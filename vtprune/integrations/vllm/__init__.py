@@ -22,6 +22,7 @@ from typing import Any
 MODELS: dict[str, str] = {
     "LlavaForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlava",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2_5_VL",
+    "Qwen2VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2VL",
 }
 
 
@@ -46,12 +47,14 @@ class _ConfigHook:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point (idempotent)."""
+    """The ``vllm.general_plugins`` entry point (idempotent). Every architecture vLLM knows gets the config hook:
+    the covered ones to be configured, the others to refuse a ``vtprune`` entry instead of running unpruned."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
+    for arch in set(ModelRegistry.get_supported_archs()) | set(MODELS):
         if not (isinstance(MODELS_CONFIG_MAP.get(arch), type) and issubclass(MODELS_CONFIG_MAP[arch], _ConfigHook)):
             hook = type(f"VtpruneConfig_{arch}", (_ConfigHook,), {"previous": MODELS_CONFIG_MAP.get(arch)})
             MODELS_CONFIG_MAP[arch] = hook

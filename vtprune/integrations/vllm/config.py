@@ -128,10 +128,11 @@ def steps_for(cfg: PluginConfig, adapter: VllmAdapter) -> list[Step]:
 
 
 def vision_methods() -> list[str]:
-    """Registered methods that may act before the LLM."""
+    """Registered methods the vLLM host can run: acting before the LLM by default, reading no prompt text."""
     from vtprune.registry import METHODS
 
-    return [n for n in METHODS.names() if METHODS.get(n).pre_llm_ok]
+    return [n for n in METHODS.names() if METHODS.get(n).stage in ("vision", "input")
+            and not set(METHODS.get(n).requires) & PROMPT_SIGNALS]
 
 
 def kept_count(steps: list[Step], n: int, num_layers: int) -> int:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from vtprune.adapters.base import Adapter, VisionRecord
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.qwen2_5_vl import Qwen2_5VLAdapter
+from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
 from vtprune.signals import ProjectorMLP
 
 #: capture sources the vLLM host serves (no decoder ones: in-LLM methods are out of its scope)
@@ -196,28 +197,36 @@ class VllmLlava(VllmAdapter, LlavaAdapter):
         return record
 
 
-class VllmQwen2_5_VL(VllmAdapter, Qwen2_5VLAdapter):
-    """Qwen2.5-VL as vLLM runs it (``vllm/model_executor/models/qwen2_5_vl.py``). Signals of the token sequence
-    (the merger's output) only: vLLM's vision tower differs from transformers' in its packing, so the ViT-side
-    signals are refused at engine start rather than computed approximately."""
+class _VllmQwen(VllmAdapter):
+    """Qwen-VL as vLLM runs it: signals of the token sequence (the merger's output) only. vLLM's vision tower
+    differs from transformers' in its packing, so the ViT-side signals are refused at engine start rather than
+    computed approximately."""
 
-    family = "qwen2_5_vl"
-    vllm_architectures = ("Qwen2_5_VLForConditionalGeneration",)
     sources = frozenset({"sequence"})
-
-    def num_tokens_grid(self, grid_thw: list[int]) -> int:
-        t, h, w = grid_thw
-        return t * (h // self.merge) * (w // self.merge)
 
     def record(self, grid_thw: torch.Tensor, modality: str = "image") -> VisionRecord:
         record = VisionRecord(modality=modality)
-        self.image_layouts(modality, (), {f"{modality}_grid_thw": grid_thw}, None, record)
+        self.image_layouts(modality, (), {f"{modality}_grid_thw": grid_thw}, None, record)  # the HF layout
         record.produced = list(record.images)
         return record
 
 
+class VllmQwen2VL(_VllmQwen, Qwen2VLAdapter):
+    """Qwen2-VL (``vllm/model_executor/models/qwen2_vl.py``)."""
+
+    family = "qwen2_vl"
+    vllm_architectures = ("Qwen2VLForConditionalGeneration",)
+
+
+class VllmQwen2_5_VL(_VllmQwen, Qwen2_5VLAdapter):
+    """Qwen2.5-VL (``vllm/model_executor/models/qwen2_5_vl.py``)."""
+
+    family = "qwen2_5_vl"
+    vllm_architectures = ("Qwen2_5_VLForConditionalGeneration",)
+
+
 FAMILIES: dict[str, type[VllmAdapter]] = {
-    arch: cls for cls in (VllmLlava, VllmQwen2_5_VL) for arch in cls.vllm_architectures}
+    arch: cls for cls in (VllmLlava, VllmQwen2VL, VllmQwen2_5_VL) for arch in cls.vllm_architectures}
 
 
 def family_for(hf_config: Any, architecture: str, model: nn.Module | None = None) -> VllmAdapter:

@@ -32,6 +32,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
@@ -174,27 +180,26 @@ class PrunedLlava(LlavaForConditionalGeneration, SupportsMRoPE, SupportsMultiMod
         return out, pos, positions.decode_delta(pos, ph)
 
 
-# ====================================================================== Qwen2.5-VL
+# ====================================================================== Qwen2-VL, Qwen2.5-VL
 def _qwen_frames(out_mm_kwargs: Any, modality: str, item: int) -> int:
     return int(out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data[0]) if modality == "video" else 1
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    pruning_processor(Qwen2_5_VLMultiModalProcessor, "Qwen2_5_VLForConditionalGeneration", _qwen_frames),
-    info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPruning):
-    """vLLM's Qwen2.5-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions)."""
+class _QwenPruning:
+    """What a Qwen-VL model (M-RoPE, merged 2x2 tokens, images and videos) changes; mixed in before vLLM's class
+    (a plain class: vLLM's interface protocols go last, after the nn.Module)."""
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtprune = _host(self, vllm_config, "Qwen2_5_VLForConditionalGeneration")
+    vtprune: VllmHost | None
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         host = self.vtprune
         if host is None:
-            return super().embed_multimodal(**kwargs)
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
         out: tuple[torch.Tensor, ...] = ()
-        for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+        for key, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if inp is None:
+                continue
+            modality = {"images": "image", "videos": "video"}.get(key, key)  # Qwen2-VL's keys are plural
             if inp["type"] not in ("pixel_values", "pixel_values_videos"):
                 raise ValueError("vtprune: this model prunes images and videos it encodes itself; it was given "
                                  f"precomputed {inp['type']}")
@@ -205,22 +210,24 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPru
             pixels = inp.get("pixel_values" if modality == "image" else "pixel_values_videos")
             per_item = pixels.split(grid.prod(-1).tolist()) if torch.is_tensor(pixels) else None
             kept = host.encode(record, run, per_item)
-            t_factor = self._t_factors(inp, modality)
-            for (f, idx), lay, tf in zip(kept, record.images, t_factor):
+            for (f, idx), lay, tf in zip(kept, record.images, self._t_factors(inp, modality)):
                 g = lay.grid.to(idx.device)[idx]  # (k, 3): frame, row, col in the merged grid
                 offs = torch.stack([(g[:, 0].double() * tf).long(), g[:, 1], g[:, 2]], 1)
                 out += (torch.cat([f, positions.offset_columns(offs, f.dtype)], 1),)
         return out
 
     def _t_factors(self, inp: Any, modality: str) -> list[float]:
+        """Temporal position step per frame of each item (Qwen2.5-VL: seconds per grid x tokens per second)."""
         n = int(inp[f"{modality}_grid_thw"].shape[0])
         if modality == "image":
             return [1.0] * n
         tps = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
         secs = inp.get("second_per_grid_ts")
-        return [tps * float(s) for s in secs.tolist()] if secs is not None else [tps] * n
+        return [tps * float(s) for s in secs.tolist()] if secs is not None else [1.0] * n
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        if self.vtprune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
         feats = sorted(mm_features, key=lambda f: f.mm_position.offset)
         media = []
         for f, (offset, t, h, w, tf) in zip(feats, self.iter_mm_grid_thw(feats)):
@@ -237,8 +244,23 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPru
         return out, pos, positions.decode_delta(pos, ph)
 
 
-#: architecture -> "module:class", what the plugin registers with vLLM's model registry
-MODELS = {
-    "LlavaForConditionalGeneration": f"{__name__}:PrunedLlava",
-    "Qwen2_5_VLForConditionalGeneration": f"{__name__}:PrunedQwen2_5_VL",
-}
+@MULTIMODAL_REGISTRY.register_processor(
+    pruning_processor(Qwen2_5_VLMultiModalProcessor, "Qwen2_5_VLForConditionalGeneration", _qwen_frames),
+    info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VL(_QwenPruning, Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPruning):
+    """vLLM's Qwen2.5-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions)."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune = _host(self, vllm_config, "Qwen2_5_VLForConditionalGeneration")
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    pruning_processor(Qwen2VLMultiModalProcessor, "Qwen2VLForConditionalGeneration", _qwen_frames),
+    info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder)
+class PrunedQwen2VL(_QwenPruning, Qwen2VLForConditionalGeneration, SupportsMultiModalPruning):
+    """vLLM's Qwen2-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions)."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune = _host(self, vllm_config, "Qwen2VLForConditionalGeneration")
