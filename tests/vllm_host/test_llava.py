@@ -27,7 +27,7 @@ from vtprune.synthetic.tokenizer import prompt  # noqa: E402
 KEEP = 64
 N_KEPT, N_ANSWERS = 20, 100
 # every method the vLLM host runs on LLaVA (vision / input stage, no prompt text), as "name:options"
-METHODS = ["random", "random:seed=2", "pool", "cls_attention", "kcenter", "kcenter:variant=todre", "mmr",
+METHODS = ["random", "pool", "cls_attention", "kcenter", "kcenter:variant=todre", "mmr",
            "zeroth_order", "visionzip"]
 
 

@@ -21,13 +21,25 @@ from vtprune.testing.checkpoints import save_qwen  # noqa: E402
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>w{a} w{b} w{c}<|im_end|>\n"
           "<|im_start|>assistant\n")
 SIZES = [(56, 112), (168, 56), (84, 84), (112, 224), (196, 84)]  # (h, w) pixels: wide, tall, square ...
-CONFIGS = [{"method": "kcenter", "keep": 4}, {"method": "random", "ratio": 0.5}, {"method": "pool", "keep": 6},
-           {"method": "pool", "ratio": 0.75}, {"method": "kcenter", "ratio": 0.5}]
+CONFIGS = [("qwen2_5_vl", {"method": "kcenter", "keep": 4}), ("qwen2_5_vl", {"method": "random", "ratio": 0.5}),
+           ("qwen2_5_vl", {"method": "pool", "keep": 6}), ("qwen2_5_vl", {"method": "pool", "ratio": 0.75}),
+           ("qwen2_5_vl", {"method": "kcenter", "ratio": 0.5}),
+           ("qwen2_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen2_vl", {"method": "random", "keep": 5}),
+           ("qwen2_vl", {"method": "pool", "ratio": 0.75})]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
-def ckpt(request, tmp_path_factory):
-    return save_qwen(request.param, tmp_path_factory.mktemp("qwen") / request.param)
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    return {family: save_qwen(family, root / family) for family in ("qwen2_5_vl", "qwen2_vl")}
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return {f: (AutoModelForImageTextToText.from_pretrained(p).eval(), AutoProcessor.from_pretrained(p))
+            for f, p in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +54,6 @@ def cases():
         a, b, c = rng.integers(6, 400, 3)
         out.append((img, PROMPT.format(a=a, b=b, c=c)))
     return out
-
-
-@pytest.fixture(scope="module")
-def hf(ckpt):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    return AutoModelForImageTextToText.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
 
 
 def _reference(hf, config, cases):
@@ -68,8 +73,10 @@ def _reference(hf, config, cases):
     return out
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_same_kept_tokens_positions_and_answers_as_hf(config, ckpt, cases, hf, tmp_path):
+@pytest.mark.parametrize(("family", "config"), CONFIGS,
+                         ids=[f + ":" + "-".join(f"{k}={v}" for k, v in c.items()) for f, c in CONFIGS])
+def test_same_kept_tokens_positions_and_answers_as_hf(family, config, checkpoints, models, cases, tmp_path):
+    ckpt, hf = checkpoints[family], models[family]
     log = tmp_path / "kept.jsonl"
     llm = offline.engine(str(ckpt), {**config, "record": str(log)}, limit_mm_per_prompt={"image": 1, "video": 0})
     outs = offline.generate(llm, [{"prompt": t, "multi_modal_data": {"image": im}} for im, t in cases])

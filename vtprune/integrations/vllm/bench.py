@@ -4,12 +4,13 @@ Models: the trained synthetic LLaVA (``synthetic``) and the width-faithful LLaVA
 CLIP ViT-L/14-336 + a Llama-2-7B-width LLM with few layers, random weights; :mod:`vtprune.bench.proxies`), which
 is saved once as a local checkpoint in the llava-hf layout with the synthetic model's tokenizer and processor.
 
-Each configuration is one engine (the plugin's configuration is fixed at engine start): the unpruned model at
-576 tokens, ``random`` at each budget (selection costs nothing, so it is the speed of the token count), and every
-method the plugin runs at the last budget. Per engine: a warm-up with a full batch, then ``reps`` timed batches of
-``prompts`` requests (``max_tokens=1``: the prefill, which pruning shortens) and ``reps`` single requests (time to
-first token). Reported: prompts / s, median TTFT, both relative to the unpruned engine, and each method's
-throughput relative to ``random`` at the same budget (the cost of selecting).
+Each configuration is one engine (the plugin's configuration is fixed at engine start; prefix caching off): the
+unpruned model at 576 tokens, ``random`` at each budget (selection costs nothing, so it is the speed of the token
+count), and every method the plugin runs at the last budget. Per engine: a warm-up with a full batch, then ``reps``
+timed batches of ``prompts`` requests (``max_tokens=1``: the prefill, which pruning shortens) and ``reps`` single
+requests (time to first token); every request shows a different held-out image, the same ones in every engine.
+Reported: prompts / s, median TTFT, both relative to the unpruned engine, and each method's throughput relative
+to ``random`` at the same budget (the cost of selecting).
 """
 
 from __future__ import annotations
@@ -54,16 +55,19 @@ def proxy_checkpoint(name: str, root: str | Path = "out/vllm-proxies") -> Path:
 
 
 def _timed(llm: Any, reqs: list[dict], prompts: int, reps: int) -> tuple[float, float, float]:
-    """(prompts / s over timed batches, median single-request latency, mean prompt tokens)."""
-    batch = (reqs * (prompts // len(reqs) + 1))[:prompts]
-    offline.generate(llm, batch)  # warm-up with a full batch (a small one leaves the first timed batch slow)
+    """(prompts / s over timed batches, median single-request latency, mean prompt tokens). Every request shows a
+    different image (vLLM's encoder cache would skip the vision tower and the selection for a repeated one) and
+    prefix caching is off in the engine (a repeated prompt would skip its prefill)."""
+    batches = [reqs[i * prompts:(i + 1) * prompts] for i in range(reps + 1)]
+    singles = reqs[(reps + 1) * prompts:]
+    offline.generate(llm, batches[0])  # warm-up with a full batch (a small one leaves the first timed batch slow)
     rates, ttft = [], []
     for r in range(reps):
         t0 = time.perf_counter()
-        outs = offline.generate(llm, batch)
+        outs = offline.generate(llm, batches[r + 1])
         rates.append(prompts / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        offline.generate(llm, [reqs[r % len(reqs)]])
+        offline.generate(llm, [singles[r]])
         ttft.append(time.perf_counter() - t0)
     return statistics.median(rates), statistics.median(ttft), statistics.mean(len(o.prompt_token_ids) for o in outs)
 
@@ -83,7 +87,7 @@ def run(models: list[str], methods: list[tuple[str, dict]], budgets: tuple[int, 
             raise ValueError(f"bench --host vllm: unknown model {name!r}; allowed: {', '.join(MODELS)}")
         path = DEFAULT_MODEL if name == "synthetic" else proxy_checkpoint(name, Path(out_dir) / "vllm-proxies")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        reqs = offline.synthetic_requests(heldout(8), tokenizer)
+        reqs = offline.synthetic_requests(heldout(prompts * (reps + 1) + reps), tokenizer)
         adapter = VllmLlava(AutoConfig.from_pretrained(path))
         configs: list[tuple[str, dict | None]] = [("none", None)]
         configs += [(f"random@{b}", {"method": "random", "keep": b}) for b in budgets]
@@ -101,7 +105,7 @@ def run(models: list[str], methods: list[tuple[str, dict]], budgets: tuple[int, 
                             + f"@{last}", cfg))
         results = {}
         for label, cfg in configs:
-            llm = offline.engine(str(path), cfg, max_num_seqs=prompts)
+            llm = offline.engine(str(path), cfg, max_num_seqs=prompts, enable_prefix_caching=False)
             try:
                 results[label] = _timed(llm, reqs, prompts, reps)
             finally:
