@@ -94,3 +94,42 @@ def test_same_kept_tokens_positions_and_answers_as_hf(family, config, checkpoint
         assert math.isclose(got.logprobs[0][tok].logprob, lp, abs_tol=1e-4), (i, got.logprobs[0][tok].logprob, lp)
     if "ratio" in config:
         assert len(counts) > 1  # different image sizes kept different counts
+
+
+VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>w7 w8<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("config", [{"method": "kcenter", "keep": 3},
+                                    {"method": "random", "ratio": 0.5, "budget": "per_image"}],
+                         ids=["per-frame", "per-video"])
+def test_video_same_kept_tokens_and_positions_as_hf(config, checkpoints, models, tmp_path):
+    """A Qwen2.5-VL video: per-frame spans (or the video pooled), temporal M-RoPE positions scaled by seconds per
+    grid x tokens per second (transformers' processor assumes 24 fps when given none; vLLM is told the same)."""
+    model, processor = models["qwen2_5_vl"]
+    rng = np.random.default_rng(1)
+    videos = [rng.integers(0, 255, (4, h, w, 3), dtype=np.uint8) for h, w in ((56, 112), (112, 56))]
+    opts = {k: v for k, v in config.items() if k not in ("method", "keep", "ratio", "budget")}
+    ref = []
+    with vtprune.prune(model, vtprune.method(config["method"], **opts), keep=config.get("keep"),
+                       ratio=config.get("ratio"), budget=config.get("budget", "per_frame")) as handle, \
+            torch.inference_mode():
+        for frames in videos:
+            inputs = processor(videos=[frames], text=[VIDEO_PROMPT], return_tensors="pt", do_sample_frames=False)
+            lp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+            pos = (inputs["input_ids"][0] == model.config.video_token_id).nonzero()[:, 0]
+            kept = handle.stats.kept_positions[0]
+            ref.append(((kept[torch.isin(kept, pos)] - pos[0]).tolist(), int(lp.argmax()), float(lp.max())))
+    log = tmp_path / "kept.jsonl"
+    llm = offline.engine(str(checkpoints["qwen2_5_vl"]), {**config, "record": str(log)},
+                         limit_mm_per_prompt={"image": 0, "video": 1})
+    meta = {"fps": 24.0, "frames_indices": [0, 1, 2, 3], "total_num_frames": 4, "do_sample_frames": False,
+            "duration": 4 / 24}
+    outs = offline.generate(llm, [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (v, meta)}} for v in videos])
+    del llm
+    kept = offline.read_kept(log)
+    assert [k for _, k in kept] == [idx for idx, _, _ in ref]
+    for (_, tok, lp), o in zip(ref, outs):
+        got = o.outputs[0]
+        assert got.token_ids[0] == tok
+        assert math.isclose(got.logprobs[0][tok].logprob, lp, abs_tol=1e-4), (got.logprobs[0][tok].logprob, lp)
