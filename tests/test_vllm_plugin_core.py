@@ -10,7 +10,7 @@ import torch
 
 from vtprune.integrations.vllm import positions
 from vtprune.integrations.vllm.config import PluginConfig, kept_count, steps_for
-from vtprune.integrations.vllm.families import VllmLlava, VllmQwen2_5_VL
+from vtprune.integrations.vllm.families import VllmLlava, VllmQwen2_5_VL, VllmQwen3VL, family_for
 from vtprune.testing import tiny
 
 
@@ -61,13 +61,22 @@ def test_bad_configs_refused_with_the_reason(raw, message, llava_config):
         steps_for(PluginConfig.parse(raw), VllmLlava(llava_config))
 
 
-def test_qwen_refuses_vision_tower_signals_and_compact(qwen):
-    adapter = VllmQwen2_5_VL(qwen.config)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_refuses_vision_tower_signals_and_compact(family, qwen):
+    config = qwen.config if family == "qwen2_5_vl" else tiny.build(family).config
+    adapter = family_for(config, type(config).__name__.replace("Config", "ForConditionalGeneration"))
     assert steps_for(PluginConfig.parse({"method": "kcenter", "keep": 16}), adapter)
     with pytest.raises(ValueError, match="cannot supply"):
         steps_for(PluginConfig.parse({"method": "zeroth_order", "keep": 16}), adapter)
     with pytest.raises(ValueError, match="compact"):
         steps_for(PluginConfig.parse({"method": "kcenter", "keep": 16, "positions": "compact"}), adapter)
+
+
+def test_qwen3_signals_read_the_token_not_its_deepstack_columns():
+    config = tiny.build("qwen3_vl").config
+    adapter = VllmQwen3VL(config)
+    assert adapter.signal_width() == config.vision_config.out_hidden_size  # the rest: one row per DeepStack level
+    assert VllmQwen2_5_VL(tiny.build("qwen2_5_vl").config).signal_width() is None
 
 
 @pytest.mark.parametrize("raw", [{"method": "kcenter", "keep": 5}, {"method": "kcenter", "ratio": 0.777},

@@ -1,8 +1,8 @@
-"""The vLLM plugin on Qwen2.5-VL and Qwen2-VL (M-RoPE), against transformers: tiny random checkpoints saved with their
-tokenizer and processor; wide, tall and square images (different grids, so different kept counts under a
-ratio). Kept indices, first-token log-probabilities (they depend on every kept token's (t, h, w) position) and
-greedy answers must equal ``vtprune.prune`` in transformers. The methods are those the plugin runs on Qwen2.5-VL
-(signals of the token sequence); the others are refused at engine start (tests/test_vllm_plugin_core.py)."""
+"""The vLLM plugin on Qwen2.5-VL, Qwen2-VL and Qwen3-VL (M-RoPE), against transformers: tiny random checkpoints saved
+with their tokenizer and processor; wide, tall and square images (different grids, so different kept counts under a
+ratio). Kept indices, first-token log-probabilities (they depend on every kept token's (t, h, w) position) and greedy
+answers must equal ``vtprune.prune`` in transformers. The methods are those the plugin runs on Qwen-VL (signals of
+the token sequence); the others are refused at engine start (tests/test_vllm_plugin_core.py)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,17 @@ PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>w{a} w{b
           "<|im_start|>assistant\n")
 SIZES = [(56, 112), (168, 56), (84, 84), (112, 224), (196, 84)]  # (h, w) pixels: wide, tall, square ...
 CONFIGS = [("qwen2_5_vl", {"method": "kcenter", "keep": 4}), ("qwen2_5_vl", {"method": "random", "ratio": 0.5}),
-           ("qwen2_5_vl", {"method": "pool", "keep": 6}), ("qwen2_5_vl", {"method": "pool", "ratio": 0.75}),
-           ("qwen2_5_vl", {"method": "kcenter", "ratio": 0.5}),
+           ("qwen2_5_vl", {"method": "pool", "ratio": 0.75}),
            ("qwen2_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen2_vl", {"method": "random", "keep": 5}),
-           ("qwen2_vl", {"method": "pool", "ratio": 0.75})]
+           ("qwen3_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen3_vl", {"method": "random", "keep": 5}),
+           ("qwen3_vl", {"method": "pool", "keep": 6})]
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen")
-    return {family: save_qwen(family, root / family) for family in ("qwen2_5_vl", "qwen2_vl")}
+    return {family: save_qwen(family, root / family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,11 @@ def cases():
     return out
 
 
+def _media_index(media_pos, kept_pos):
+    """Kept media tokens as indices into the item's media tokens (what the plugin records), from prompt positions."""
+    return torch.isin(media_pos, kept_pos).nonzero()[:, 0].tolist()
+
+
 def _reference(hf, config, cases):
     model, processor = hf
     opts = {k: v for k, v in config.items() if k not in ("method", "keep", "ratio")}
@@ -66,8 +72,7 @@ def _reference(hf, config, cases):
             inputs = processor(images=[img], text=[text], return_tensors="pt")
             lp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
             image_pos = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-            kept = handle.stats.kept_positions[0]
-            idx = (kept[torch.isin(kept, image_pos)] - image_pos[0]).tolist()
+            idx = _media_index(image_pos, handle.stats.kept_positions[0])
             tok = int(lp.argmax())
             out.append((int(image_pos.numel()), idx, tok, float(lp[tok])))
     return out
@@ -100,36 +105,72 @@ VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>w7
                 "<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("config", [{"method": "kcenter", "keep": 3},
-                                    {"method": "random", "ratio": 0.5, "budget": "per_image"}],
-                         ids=["per-frame", "per-video"])
-def test_video_same_kept_tokens_and_positions_as_hf(config, checkpoints, models, tmp_path):
-    """A Qwen2.5-VL video: per-frame spans (or the video pooled), temporal M-RoPE positions scaled by seconds per
-    grid x tokens per second (transformers' processor assumes 24 fps when given none; vLLM is told the same)."""
-    model, processor = models["qwen2_5_vl"]
+VIDEOS = [("qwen2_5_vl", {"method": "kcenter", "keep": 3}),
+          ("qwen2_5_vl", {"method": "random", "ratio": 0.5, "budget": "per_image"}),
+          ("qwen3_vl", {"method": "kcenter", "keep": 3})]
+
+
+@pytest.mark.parametrize(("family", "config"), VIDEOS, ids=["qwen2_5_vl-per-frame", "qwen2_5_vl-per-video",
+                                                            "qwen3_vl-per-frame"])
+def test_video_same_kept_tokens_and_positions_as_hf(family, config, checkpoints, models, tmp_path):
+    """Videos: per-frame spans (or the video pooled). Qwen2.5-VL: one run of placeholders, temporal M-RoPE positions
+    scaled by seconds per grid x tokens per second (transformers' processor assumes 24 fps when given none; vLLM is
+    told the same). Qwen3-VL: every frame a block of its own after its timestamp, placed like an image."""
+    model, processor = models[family]
     rng = np.random.default_rng(1)
-    videos = [rng.integers(0, 255, (4, h, w, 3), dtype=np.uint8) for h, w in ((56, 112), (112, 56))]
+    side = 64 if family == "qwen3_vl" else 56  # a whole number of merged patches (32 px / 28 px)
+    videos = [rng.integers(0, 255, (4, h, w, 3), dtype=np.uint8) for h, w in ((side, 2 * side), (2 * side, side))]
+    meta = {"fps": 24.0, "frames_indices": [0, 1, 2, 3], "total_num_frames": 4}
     opts = {k: v for k, v in config.items() if k not in ("method", "keep", "ratio", "budget")}
     ref = []
     with vtprune.prune(model, vtprune.method(config["method"], **opts), keep=config.get("keep"),
                        ratio=config.get("ratio"), budget=config.get("budget", "per_frame")) as handle, \
             torch.inference_mode():
         for frames in videos:
-            inputs = processor(videos=[frames], text=[VIDEO_PROMPT], return_tensors="pt", do_sample_frames=False)
+            inputs = processor(videos=[frames], text=[VIDEO_PROMPT], return_tensors="pt", do_sample_frames=False,
+                               video_metadata=[meta])
             lp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
             pos = (inputs["input_ids"][0] == model.config.video_token_id).nonzero()[:, 0]
-            kept = handle.stats.kept_positions[0]
-            ref.append(((kept[torch.isin(kept, pos)] - pos[0]).tolist(), int(lp.argmax()), float(lp.max())))
+            ref.append((_media_index(pos, handle.stats.kept_positions[0]), int(lp.argmax()), float(lp.max())))
     log = tmp_path / "kept.jsonl"
-    llm = offline.engine(str(checkpoints["qwen2_5_vl"]), {**config, "record": str(log)},
+    llm = offline.engine(str(checkpoints[family]), {**config, "record": str(log)},
                          limit_mm_per_prompt={"image": 0, "video": 1})
-    meta = {"fps": 24.0, "frames_indices": [0, 1, 2, 3], "total_num_frames": 4, "do_sample_frames": False,
-            "duration": 4 / 24}
+    meta = {**meta, "do_sample_frames": False, "duration": 4 / 24}
     outs = offline.generate(llm, [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (v, meta)}} for v in videos])
     del llm
     kept = offline.read_kept(log)
     assert [k for _, k in kept] == [idx for idx, _, _ in ref]
+    if family == "qwen3_vl":  # one block per temporal patch, each cut to its own kept count
+        n_video = [sum(t == model.config.video_token_id for t in o.prompt_token_ids) for o in outs]
+        assert n_video == [2 * 3] * 2  # 4 frames = 2 temporal patches (blocks), 3 kept in each
     for (_, tok, lp), o in zip(ref, outs):
         got = o.outputs[0]
         assert got.token_ids[0] == tok
         assert math.isclose(got.logprobs[0][tok].logprob, lp, abs_tol=1e-4), (got.logprobs[0][tok].logprob, lp)
+
+
+def test_frame_blocks_shrink_each_and_refuse_a_pooled_budget(checkpoints):
+    """Qwen3-VL's video placeholder is one block per temporal patch, text between: each block keeps its frame's
+    count; a budget pooled over the video cannot give the blocks their counts before the encoder runs."""
+    from transformers import AutoConfig
+    from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+    from vtprune.integrations.vllm.config import Plan, PluginConfig, steps_for
+    from vtprune.integrations.vllm.families import VllmQwen3VL
+    from vtprune.integrations.vllm.models import _shrunk
+
+    cfg = AutoConfig.from_pretrained(checkpoints["qwen3_vl"])
+    V, S, E = cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+    seq = [5, 5, S] + [V] * 8 + [E, 5, 5, S] + [V] * 8 + [E]
+    update = PromptReplacement(modality="video", target=[V],
+                               replacement=lambda i: PromptUpdateDetails.select_token_id(seq, V))
+
+    def plan(raw):
+        c, a = PluginConfig.parse(raw), VllmQwen3VL(cfg)
+        return Plan(c, a, steps_for(c, a))
+
+    out = _shrunk(update, plan({"method": "kcenter", "keep": 3}), V, lambda i: 2)(0)
+    assert out.full == [5, 5, S] + [V] * 3 + [E, 5, 5, S] + [V] * 3 + [E]
+    assert out.is_embed is not None
+    with pytest.raises(ValueError, match="per_frame"):
+        _shrunk(update, plan({"method": "kcenter", "ratio": 0.5, "budget": "per_image"}), V, lambda i: 2)(0)

@@ -1,9 +1,9 @@
 """Tiny random checkpoints on disk, complete enough for any host to load (config, safetensors, tokenizer,
 processor, chat template): what the vLLM plugin's tests compare against transformers.
 
-* ``qwen2_vl`` / ``qwen2_5_vl``: the tiny Qwen-VL models of :mod:`vtprune.testing.tiny` (the LLM widened to
-  head_dim 32, which vLLM's CPU attention needs) with a word-level tokenizer whose specials sit at the tiny model's
-  token ids (``<|image_pad|>`` = 500, ...), Qwen's image / video processors at small pixel budgets, and a
+* ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: the tiny Qwen-VL models of :mod:`vtprune.testing.tiny` (the LLM
+  widened to head_dim 32, which vLLM's CPU attention needs) with a word-level tokenizer whose specials sit at the tiny
+  model's token ids (``<|image_pad|>`` = 500, ...), Qwen's image / video processors at small pixel budgets, and a
   Qwen-style chat template.
 """
 
@@ -44,32 +44,45 @@ def _qwen_tokenizer():
 
 
 def save_qwen(family: str, path: str | Path, *, seed: int = 0, text_layers: int = 3) -> Path:
-    """The tiny Qwen-VL of ``family`` ("qwen2_vl" / "qwen2_5_vl") with its tokenizer and processor in ``path``
-    (images of 56 x 56 to 224 x 224 pixels)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor
+    """The tiny Qwen-VL of ``family`` ("qwen2_vl" / "qwen2_5_vl" / "qwen3_vl") with its tokenizer and processor in
+    ``path`` (images of 56 x 56 to 224 x 224 pixels)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    processors = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}
+    processors = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
     if family not in processors:
         raise ValueError(f"save_qwen: family={family!r}; allowed: {', '.join(processors)}")
 
     def wider(cfg) -> None:  # vLLM's CPU attention kernels need head_dim >= 32
         t = cfg.text_config
         t.hidden_size, t.intermediate_size = 128, 256
-        t.rope_parameters = {**t.rope_parameters, "mrope_section": [4, 6, 6]}
-        if family == "qwen2_5_vl":
-            cfg.vision_config.out_hidden_size = 128
+        if family == "qwen3_vl":
+            t.head_dim = 32
+            t.rope_parameters = {**t.rope_parameters, "mrope_section": [6, 5, 5]}
         else:
+            t.rope_parameters = {**t.rope_parameters, "mrope_section": [4, 6, 6]}
+        if family == "qwen2_vl":
             cfg.vision_config.hidden_size = 128  # Qwen2-VL: the merger's output width
+        else:
+            cfg.vision_config.out_hidden_size = 128
 
     path = Path(path)
     model = tiny.build(family, seed=seed, text_layers=text_layers, edit=wider)
     model.config.text_config.bos_token_id = None
     model.save_pretrained(path)
-    pixels = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
-    image = Qwen2VLImageProcessor(**pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
-    video = Qwen2VLVideoProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
-                                  temporal_patch_size=2)
+    patch = 16 if family == "qwen3_vl" else 14
+    unit = (2 * patch) ** 2  # pixels of one merged token
+    # Qwen3-VL normalises images and videos alike (mean = std = 0.5), and vLLM normalises both with one module
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
+    image = Qwen2VLImageProcessor(min_pixels=unit * 4, max_pixels=unit * 64, patch_size=patch, merge_size=2,
+                                  temporal_patch_size=2, **norm)
+    if family == "qwen3_vl":  # its bound is on the whole clip (frames x pixels)
+        video = Qwen3VLVideoProcessor(size={"shortest_edge": unit * 4, "longest_edge": unit * 64}, patch_size=patch,
+                                      merge_size=2, temporal_patch_size=2)
+    else:
+        video = Qwen2VLVideoProcessor(min_pixels=unit * 4, max_pixels=unit * 16, patch_size=patch, merge_size=2,
+                                      temporal_patch_size=2)
     processor = processors[family](image_processor=image, tokenizer=_qwen_tokenizer(), video_processor=video,
                                    chat_template=QWEN_TEMPLATE)
     processor.save_pretrained(path)

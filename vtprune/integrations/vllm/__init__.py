@@ -23,6 +23,7 @@ MODELS: dict[str, str] = {
     "LlavaForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlava",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2_5_VL",
     "Qwen2VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2VL",
+    "Qwen3VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen3VL",
 }
 
 

@@ -18,6 +18,7 @@ from vtprune.adapters.base import Adapter, VisionRecord
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.qwen2_5_vl import Qwen2_5VLAdapter
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
+from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.signals import ProjectorMLP
 
 #: capture sources the vLLM host serves (no decoder ones: in-LLM methods are out of its scope)
@@ -112,6 +113,11 @@ class VllmAdapter(Adapter):
 
     def attn_implementation(self) -> str:
         return "vllm"
+
+    def signal_width(self) -> int | None:
+        """Columns of the encoder's output rows that are the LLM-input token (what the signals read); the rest
+        travel with the kept rows (Qwen3-VL's DeepStack features). None: all of them."""
+        return None
 
 
 class VllmLlava(VllmAdapter, LlavaAdapter):
@@ -225,8 +231,20 @@ class VllmQwen2_5_VL(_VllmQwen, Qwen2_5VLAdapter):
     vllm_architectures = ("Qwen2_5_VLForConditionalGeneration",)
 
 
+class VllmQwen3VL(_VllmQwen, Qwen3VLAdapter):
+    """Qwen3-VL (``vllm/model_executor/models/qwen3_vl.py``): vLLM's encoder returns each token's merger output
+    with its DeepStack features beside it; the signals read the first part, the kept rows carry both (the HF host
+    cuts the DeepStack inputs with the same rows)."""
+
+    family = "qwen3_vl"
+    vllm_architectures = ("Qwen3VLForConditionalGeneration",)
+
+    def signal_width(self) -> int | None:
+        return int(self.config.vision_config.out_hidden_size)
+
+
 FAMILIES: dict[str, type[VllmAdapter]] = {
-    arch: cls for cls in (VllmLlava, VllmQwen2VL, VllmQwen2_5_VL) for arch in cls.vllm_architectures}
+    arch: cls for cls in (VllmLlava, VllmQwen2VL, VllmQwen2_5_VL, VllmQwen3VL) for arch in cls.vllm_architectures}
 
 
 def family_for(hf_config: Any, architecture: str, model: nn.Module | None = None) -> VllmAdapter:

@@ -70,10 +70,11 @@ class VllmHost:
             raise RuntimeError(f"vtprune: the encoder returned {sizes} tokens per image, the layout expects "
                                f"{[im.num_tokens for im in record.images]}")
         B, L, dev = len(feats), max(sizes), feats[0].device
-        x = feats[0].new_zeros(B, L, feats[0].shape[-1])  # (B, L, D): one row per image
+        w = self.adapter.signal_width() or feats[0].shape[-1]
+        x = feats[0].new_zeros(B, L, w)  # (B, L, D): one row per image
         valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
         for b, f in enumerate(feats):
-            x[b, : f.shape[0]] = f
+            x[b, : f.shape[0]] = f[:, :w]
             valid[b, : f.shape[0]] = True
         with torch.no_grad():
             layout, used = build_layout(self.adapter, {record.modality: valid}, {record.modality: record})
@@ -86,7 +87,8 @@ class VllmHost:
             for b in range(B):
                 idx = cur.index[b][cur.valid[b]]
                 idx = idx[valid[b, idx]]  # (k,) kept original slots, ascending (the padding we added is dropped)
-                out.append((fwd.embeds[b, idx], idx))
+                rest = feats[b][idx, w:]  # (k, D_extra): columns that travel with their token (DeepStack)
+                out.append((torch.cat([fwd.embeds[b, idx], rest], -1) if rest.shape[-1] else fwd.embeds[b, idx], idx))
         stats.visual_after = [int(i.numel()) for _, i in out]
         stats.overhead_ms = (time.perf_counter() - t0) * 1e3
         self.last_stats = stats

@@ -38,6 +38,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
@@ -59,13 +65,16 @@ def _plan(hf_config: Any, architecture: str) -> Plan | None:
     return hit[1]
 
 
-def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Callable[[Any, str, int], int]) -> Any:
+def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Callable[[Any, str, int], int],
+                      token: Callable[[Any, str], int]) -> Any:
     """A processor factory whose processors give each media item the placeholder count its budget keeps.
-    ``frames(out_mm_kwargs, modality, item)``: the item's frames (the spans of a per-frame budget)."""
+    ``frames(out_mm_kwargs, modality, item)``: the item's frames (the spans of a per-frame budget) when they are
+    one run of placeholders; ``token(hf_config, modality)``: the placeholder token."""
 
     def build(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
         proc = factory(info, dummy_inputs, **kwargs)
-        plan = _plan(info.get_hf_config(), architecture)
+        hf_config = info.get_hf_config()
+        plan = _plan(hf_config, architecture)
         if plan is None:
             return proc
         original = proc._get_prompt_updates
@@ -76,9 +85,8 @@ def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Ca
                 if not isinstance(u, PromptReplacement):
                     out.append(u)
                     continue
-                out.append(PromptReplacement(modality=u.modality, target=u.target,
-                                             replacement=_shrunk(u, plan, lambda i, m=u.modality: frames(
-                                                 out_mm_kwargs, m, i))))
+                out.append(PromptReplacement(modality=u.modality, target=u.target, replacement=_shrunk(
+                    u, plan, token(hf_config, u.modality), lambda i, m=u.modality: frames(out_mm_kwargs, m, i))))
             return out
 
         Patcher().set_attr(proc, "_get_prompt_updates", updates, what="vtprune: pruned placeholder counts")
@@ -87,19 +95,49 @@ def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Ca
     return build
 
 
-def _shrunk(update: PromptReplacement, plan: Plan, frames_of: Callable[[int], int]) -> Callable[[int], Any]:
-    """The replacement of ``update`` with its run of placeholders cut to the kept count."""
-    token = update.target[0] if isinstance(update.target, list) and len(update.target) == 1 else None
+def _shrunk(update: PromptReplacement, plan: Plan, token: int, frames_of: Callable[[int], int]) -> Callable[[int], Any]:
+    """The replacement of ``update`` with each run of ``token`` cut to its kept count: one run is the whole item
+    (its frames the spans of a per-frame budget); several runs are its frames, each a block of the prompt of its
+    own (Qwen3-VL's timestamped frames), so only a per-frame budget gives each its count before the encoder runs."""
 
     def replacement(item: int) -> Any:
         full = update.replacement(item) if callable(update.replacement) else update.replacement
         seq = full.full if isinstance(full, PromptUpdateDetails) else full
-        if token is None or not isinstance(seq, list) or any(t != token for t in seq):
-            raise NotImplementedError(f"vtprune: the {update.modality} placeholder of this model is not one run of "
-                                      "tokens; the plugin cannot shrink it")
-        return [token] * plan.kept_item(len(seq), frames_of(item))
+        if not isinstance(seq, list) or token not in seq:
+            raise NotImplementedError(f"vtprune: the {update.modality} placeholder of this model is not a run of "
+                                      f"token {token}; the plugin cannot shrink it")
+        runs = _runs(seq, token)
+        if len(runs) == 1:
+            counts = [plan.kept_item(runs[0][1], frames_of(item))]
+        elif plan.config.budget != "per_frame":
+            raise ValueError(f"vtprune: budget={plan.config.budget!r} pools the {len(runs)} frames of this "
+                             f"{update.modality}, which this model lays out as separate blocks of the prompt; "
+                             "vLLM needs each block's token count before the encoder runs: use budget='per_frame'")
+        else:
+            counts = [plan.kept(n) for _, n in runs]
+        out, at = [], 0
+        for (start, n), k in zip(runs, counts):
+            out += seq[at:start] + [token] * k
+            at = start + n
+        out += seq[at:]
+        if isinstance(full, PromptUpdateDetails) and full.is_embed is not None:
+            return PromptUpdateDetails.select_token_id(out, token)
+        return out
 
     return replacement
+
+
+def _runs(seq: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of ``token`` in ``seq``."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(seq):
+        if t != token:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def _host(model: torch.nn.Module, vllm_config: Any, architecture: str) -> VllmHost | None:
@@ -114,7 +152,8 @@ def _host(model: torch.nn.Module, vllm_config: Any, architecture: str) -> VllmHo
 
 # ====================================================================== LLaVA-1.5
 @MULTIMODAL_REGISTRY.register_processor(
-    pruning_processor(_build_llava_or_pixtral_hf_processor, "LlavaForConditionalGeneration", lambda *a: 1),
+    pruning_processor(_build_llava_or_pixtral_hf_processor, "LlavaForConditionalGeneration", lambda *a: 1,
+                      lambda c, m: c.image_token_index),
     info=_build_llava_or_pixtral_hf_info, dummy_inputs=LlavaDummyInputsBuilder)
 class PrunedLlava(LlavaForConditionalGeneration, SupportsMRoPE, SupportsMultiModalPruning):
     """vLLM's LLaVA with vtprune's pre-LLM pruning (1-D RoPE: original positions ride vLLM's M-RoPE path)."""
@@ -185,6 +224,10 @@ def _qwen_frames(out_mm_kwargs: Any, modality: str, item: int) -> int:
     return int(out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data[0]) if modality == "video" else 1
 
 
+def _qwen_token(hf_config: Any, modality: str) -> int:
+    return int(hf_config.video_token_id if modality == "video" else hf_config.image_token_id)
+
+
 class _QwenPruning:
     """What a Qwen-VL model (M-RoPE, merged 2x2 tokens, images and videos) changes; mixed in before vLLM's class
     (a plain class: vLLM's interface protocols go last, after the nn.Module)."""
@@ -245,7 +288,7 @@ class _QwenPruning:
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    pruning_processor(Qwen2_5_VLMultiModalProcessor, "Qwen2_5_VLForConditionalGeneration", _qwen_frames),
+    pruning_processor(Qwen2_5_VLMultiModalProcessor, "Qwen2_5_VLForConditionalGeneration", _qwen_frames, _qwen_token),
     info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class PrunedQwen2_5_VL(_QwenPruning, Qwen2_5_VLForConditionalGeneration, SupportsMultiModalPruning):
     """vLLM's Qwen2.5-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions)."""
@@ -256,7 +299,7 @@ class PrunedQwen2_5_VL(_QwenPruning, Qwen2_5_VLForConditionalGeneration, Support
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    pruning_processor(Qwen2VLMultiModalProcessor, "Qwen2VLForConditionalGeneration", _qwen_frames),
+    pruning_processor(Qwen2VLMultiModalProcessor, "Qwen2VLForConditionalGeneration", _qwen_frames, _qwen_token),
     info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder)
 class PrunedQwen2VL(_QwenPruning, Qwen2VLForConditionalGeneration, SupportsMultiModalPruning):
     """vLLM's Qwen2-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions)."""
@@ -264,3 +307,32 @@ class PrunedQwen2VL(_QwenPruning, Qwen2VLForConditionalGeneration, SupportsMulti
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtprune = _host(self, vllm_config, "Qwen2VLForConditionalGeneration")
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    pruning_processor(Qwen3VLMultiModalProcessor, "Qwen3VLForConditionalGeneration", _qwen_frames, _qwen_token),
+    info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder)
+class PrunedQwen3VL(_QwenPruning, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with vtprune's pre-LLM pruning of images and videos (original M-RoPE positions). A video's
+    frames are blocks of their own (``<t seconds><|vision_start|>...<|vision_end|>``), each placed like an image
+    (transformers' get_rope_index gives every frame t = 0 after its own timestamp), so the budget is per frame."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune = _host(self, vllm_config, "Qwen3VLForConditionalGeneration")
+
+    def _t_factors(self, inp: Any, modality: str) -> list[float]:
+        return [0.0] * int(inp[f"{modality}_grid_thw"].shape[0])  # every frame block starts its own t
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        if self.vtprune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        merge, media = self.config.vision_config.spatial_merge_size, []
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            _, h, w = f.data[f"{f.modality}_grid_thw"].data.tolist()
+            extent = max(h, w) // merge  # transformers' get_rope_index: max(t, h, w) + 1 with t = 0
+            token = _qwen_token(self.config, f.modality)
+            start, length = f.mm_position.offset, f.mm_position.length
+            for s, n in _runs(input_tokens[start : start + length], token):  # one run per image / frame block
+                media.append((start + s, n, extent))
+        return positions.prompt_positions(len(input_tokens), media, one_d=False)
