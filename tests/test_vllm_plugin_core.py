@@ -61,6 +61,18 @@ def test_bad_configs_refused_with_the_reason(raw, message, llava_config):
         steps_for(PluginConfig.parse(raw), VllmLlava(llava_config))
 
 
+def test_internvl_runs_sequence_methods_and_refuses_its_vision_tower_signals():
+    config = tiny.build("internvl").config
+    adapter = family_for(config, "InternVLForConditionalGeneration")
+    for raw in ({"method": "kcenter", "keep": 16}, {"method": "pool", "ratio": 0.75, "positions": "compact"}):
+        assert steps_for(PluginConfig.parse(raw), adapter)
+    with pytest.raises(ValueError, match="cannot supply"):
+        steps_for(PluginConfig.parse({"method": "cls_attention", "keep": 16}), adapter)
+    record = adapter.record([3, 1])  # two images of 3 tiles and 1: one span each, tiles side by side
+    assert [im.num_tokens for im in record.images] == [3 * 16, 16]
+    assert record.images[0].grid[:, 0].unique().tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_refuses_vision_tower_signals_and_compact(family, qwen):
     config = qwen.config if family == "qwen2_5_vl" else tiny.build(family).config
@@ -201,5 +213,5 @@ def test_shipped_checkpoint_is_in_the_layout_vllm_loads(tmp_path):
 def test_unsupported_architecture_is_refused_by_name(llava_config):
     from vtprune.integrations.vllm.families import family_for
 
-    with pytest.raises(ValueError, match="InternVLChatModel.*supported: LlavaForConditionalGeneration"):
+    with pytest.raises(ValueError, match="InternVLChatModel.*supported: .*LlavaForConditionalGeneration"):
         family_for(llava_config, "InternVLChatModel")

@@ -1,6 +1,10 @@
 """Tiny random checkpoints on disk, complete enough for any host to load (config, safetensors, tokenizer,
 processor, chat template): what the vLLM plugin's tests compare against transformers.
 
+* ``internvl``: the tiny HF-native InternVL (112 px tiles of 16 tokens, the LLM widened to head_dim 32) with a
+  word-level tokenizer carrying InternVL's ``<img>`` / ``</img>`` / ``<IMG_CONTEXT>`` / ``<video>`` at the tiny
+  model's token ids, and InternVL's image (up to 4 tiles + thumbnail) and video processors.
+
 * ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: the tiny Qwen-VL models of :mod:`vtprune.testing.tiny` (the LLM
   widened to head_dim 32, which vLLM's CPU attention needs) with a word-level tokenizer whose specials sit at the tiny
   model's token ids (``<|image_pad|>`` = 500, ...), Qwen's image / video processors at small pixel budgets, and a
@@ -25,22 +29,27 @@ QWEN_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _qwen_tokenizer():
+def _word_tokenizer(specials: dict[int, str], named: dict[str, str], template: str):
+    """A word-level tokenizer over the tiny vocabulary (``w<i>``) with ``specials`` at their token ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {QWEN_SPECIALS.get(i, f"w{i}"): i for i in range(tiny.VOCAB)}
+    vocab = {specials.get(i, f"w{i}"): i for i in range(tiny.VOCAB)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w5"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(cleanup=False)
-    tk.add_special_tokens(list(QWEN_SPECIALS.values()))
+    tk.add_special_tokens(list(specials.values()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   unk_token="w5", model_max_length=4096, clean_up_tokenization_spaces=False,
-                                  extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                                        "vision_bos_token": "<|vision_start|>",
-                                                        "vision_eos_token": "<|vision_end|>"})
-    tok.chat_template = QWEN_TEMPLATE
+                                  extra_special_tokens=named)
+    tok.chat_template = template
     return tok
+
+
+def _qwen_tokenizer():
+    return _word_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                           "vision_bos_token": "<|vision_start|>",
+                                           "vision_eos_token": "<|vision_end|>"}, QWEN_TEMPLATE)
 
 
 def save_qwen(family: str, path: str | Path, *, seed: int = 0, text_layers: int = 3) -> Path:
@@ -85,5 +94,39 @@ def save_qwen(family: str, path: str | Path, *, seed: int = 0, text_layers: int 
                                       temporal_patch_size=2)
     processor = processors[family](image_processor=image, tokenizer=_qwen_tokenizer(), video_processor=video,
                                    chat_template=QWEN_TEMPLATE)
+    processor.save_pretrained(path)
+    return path
+
+
+INTERNVL_SPECIALS = {**QWEN_SPECIALS, tiny.IMAGE: "<IMG_CONTEXT>", tiny.VIDEO: "<video>", tiny.VSTART: "<img>",
+                     tiny.VEND: "</img>"}
+INTERNVL_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
+
+
+def save_internvl(path: str | Path, *, seed: int = 0, text_layers: int = 3) -> Path:
+    """The tiny InternVL (HF-native ``InternVLForConditionalGeneration``: 112 px tiles of 16 tokens, up to 4 tiles
+    plus a thumbnail) with its tokenizer and processor in ``path``."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    def wider(cfg) -> None:  # vLLM's CPU attention kernels need head_dim >= 32
+        cfg.text_config.hidden_size, cfg.text_config.intermediate_size = 128, 256
+
+    path = Path(path)
+    model = tiny.build("internvl", seed=seed, text_layers=text_layers, edit=wider)
+    model.config.text_config.bos_token_id = None
+    model.save_pretrained(path)
+    px = model.config.vision_config.image_size
+    px = px[0] if isinstance(px, (list, tuple)) else px
+    side = {"height": px, "width": px}
+    per_tile = int((px // model.config.vision_config.patch_size[0]) ** 2 * model.config.downsample_ratio ** 2)
+    tok = _word_tokenizer(INTERNVL_SPECIALS, {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                                              "end_image_token": "</img>", "video_token": "<video>"},
+                          INTERNVL_TEMPLATE)
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=side, crop_to_patches=True, min_patches=1, max_patches=4),
+        tokenizer=tok, video_processor=InternVLVideoProcessor(size=side), chat_template=INTERNVL_TEMPLATE,
+        image_seq_length=per_tile)
     processor.save_pretrained(path)
     return path

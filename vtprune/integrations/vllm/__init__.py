@@ -24,6 +24,7 @@ MODELS: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2_5_VL",
     "Qwen2VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2VL",
     "Qwen3VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen3VL",
+    "InternVLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedInternVL",
 }
 
 

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import Adapter, VisionRecord
+from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
+from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.qwen2_5_vl import Qwen2_5VLAdapter
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
@@ -243,8 +244,34 @@ class VllmQwen3VL(_VllmQwen, Qwen3VLAdapter):
         return int(self.config.vision_config.out_hidden_size)
 
 
+class VllmInternVL(VllmAdapter, InternVLAdapter):
+    """InternVL in the HF-native format (``InternVLForConditionalGeneration``, which vLLM runs as
+    ``vllm/model_executor/models/interns1.py``): an image is its run of tiles (thumbnail included), one span.
+    Signals of the token sequence only: vLLM's InternViT is its own module, whose attention is not yet read."""
+
+    family = "internvl"
+    vllm_architectures = ("InternVLForConditionalGeneration",)
+    sources = frozenset({"sequence"})
+
+    def record(self, n_tiles: list[int], modality: str = "image") -> VisionRecord:
+        """The layout of one encoder call's images, ``n_tiles[i]`` tiles each (the HF layout's tiles, joined); a
+        video's frames are images of one tile."""
+        s, g = self._shape()
+        record = VisionRecord(modality=modality, tokens_per_tile=s * s + 1, features_per_tile=g * g,
+                              n_vit=sum(n_tiles) * (s * s + 1))
+        t0 = 0
+        for n in n_tiles:
+            tiles = [ImageLayout.raster((t0 + t) * g * g + torch.arange(g * g), g, g, group=t) for t in range(n)]
+            record.images.append(ImageLayout(*(torch.cat([getattr(x, f) for x in tiles])
+                                               for f in ("src", "grid", "line", "frame"))))
+            t0 += n
+        record.produced = list(record.images)
+        return record
+
+
 FAMILIES: dict[str, type[VllmAdapter]] = {
-    arch: cls for cls in (VllmLlava, VllmQwen2VL, VllmQwen2_5_VL, VllmQwen3VL) for arch in cls.vllm_architectures}
+    arch: cls for cls in (VllmLlava, VllmQwen2VL, VllmQwen2_5_VL, VllmQwen3VL, VllmInternVL)
+    for arch in cls.vllm_architectures}
 
 
 def family_for(hf_config: Any, architecture: str, model: nn.Module | None = None) -> VllmAdapter:

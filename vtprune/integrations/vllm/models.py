@@ -20,6 +20,12 @@ from typing import Any
 
 import torch
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
+from vllm.model_executor.models.interns1 import (
+    InternS1DummyInputsBuilder,
+    InternS1ForConditionalGeneration,
+    InternS1MultiModalProcessor,
+    InternS1ProcessingInfo,
+)
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -66,10 +72,12 @@ def _plan(hf_config: Any, architecture: str) -> Plan | None:
 
 
 def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Callable[[Any, str, int], int],
-                      token: Callable[[Any, str], int]) -> Any:
+                      token: Callable[[Any, str], int | None], blocks_are_images: bool = False) -> Any:
     """A processor factory whose processors give each media item the placeholder count its budget keeps.
     ``frames(out_mm_kwargs, modality, item)``: the item's frames (the spans of a per-frame budget) when they are
-    one run of placeholders; ``token(hf_config, modality)``: the placeholder token."""
+    one run of placeholders; ``token(hf_config, modality)``: the placeholder token (None: the replacement's single
+    target token); ``blocks_are_images``: a video's frame blocks are images to the HF host (InternVL), each kept
+    on its own whatever the budget."""
 
     def build(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
         proc = factory(info, dummy_inputs, **kwargs)
@@ -85,8 +93,11 @@ def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Ca
                 if not isinstance(u, PromptReplacement):
                     out.append(u)
                     continue
+                tok = token(hf_config, u.modality)
+                if tok is None and isinstance(u.target, list) and len(u.target) == 1:
+                    tok = u.target[0]
                 out.append(PromptReplacement(modality=u.modality, target=u.target, replacement=_shrunk(
-                    u, plan, token(hf_config, u.modality), lambda i, m=u.modality: frames(out_mm_kwargs, m, i))))
+                    u, plan, tok, lambda i, m=u.modality: frames(out_mm_kwargs, m, i), blocks_are_images)))
             return out
 
         Patcher().set_attr(proc, "_get_prompt_updates", updates, what="vtprune: pruned placeholder counts")
@@ -95,10 +106,12 @@ def pruning_processor(factory: Callable[..., Any], architecture: str, frames: Ca
     return build
 
 
-def _shrunk(update: PromptReplacement, plan: Plan, token: int, frames_of: Callable[[int], int]) -> Callable[[int], Any]:
+def _shrunk(update: PromptReplacement, plan: Plan, token: int | None, frames_of: Callable[[int], int],
+            blocks_are_images: bool = False) -> Callable[[int], Any]:
     """The replacement of ``update`` with each run of ``token`` cut to its kept count: one run is the whole item
     (its frames the spans of a per-frame budget); several runs are its frames, each a block of the prompt of its
-    own (Qwen3-VL's timestamped frames), so only a per-frame budget gives each its count before the encoder runs."""
+    own (Qwen3-VL's timestamped frames), so only a per-frame budget gives each its count before the encoder runs,
+    unless the blocks are separate images to the HF host (InternVL's frames)."""
 
     def replacement(item: int) -> Any:
         full = update.replacement(item) if callable(update.replacement) else update.replacement
@@ -109,7 +122,7 @@ def _shrunk(update: PromptReplacement, plan: Plan, token: int, frames_of: Callab
         runs = _runs(seq, token)
         if len(runs) == 1:
             counts = [plan.kept_item(runs[0][1], frames_of(item))]
-        elif plan.config.budget != "per_frame":
+        elif plan.config.budget != "per_frame" and not blocks_are_images:
             raise ValueError(f"vtprune: budget={plan.config.budget!r} pools the {len(runs)} frames of this "
                              f"{update.modality}, which this model lays out as separate blocks of the prompt; "
                              "vLLM needs each block's token count before the encoder runs: use budget='per_frame'")
@@ -127,7 +140,19 @@ def _shrunk(update: PromptReplacement, plan: Plan, token: int, frames_of: Callab
     return replacement
 
 
-def _runs(seq: list[int], token: int) -> list[tuple[int, int]]:
+def _media_runs(input_tokens: list[int], features: list[Any], token_of: Callable[[str], int | None],
+                extent_of: Callable[[Any], int]) -> list[tuple[int, int, int]]:
+    """``(offset, placeholders, extent)`` of every run of placeholder tokens of the prompt's media items (an image's
+    run, or each frame block of a video), sorted: what :func:`positions.prompt_positions` lays out."""
+    media = []
+    for f in sorted(features, key=lambda f: f.mm_position.offset):
+        start, length, token = f.mm_position.offset, f.mm_position.length, token_of(f.modality)
+        for s, n in _runs(input_tokens[start : start + length], token):
+            media.append((start + s, n, extent_of(f)))
+    return media
+
+
+def _runs(seq: list[int], token: int | None) -> list[tuple[int, int]]:
     """(start, length) of every maximal run of ``token`` in ``seq``."""
     runs: list[tuple[int, int]] = []
     for i, t in enumerate(seq):
@@ -327,12 +352,80 @@ class PrunedQwen3VL(_QwenPruning, Qwen3VLForConditionalGeneration):
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
         if self.vtprune is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        merge, media = self.config.vision_config.spatial_merge_size, []
-        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        merge = self.config.vision_config.spatial_merge_size
+
+        def extent(f: Any) -> int:  # transformers' get_rope_index: max(t, h, w) + 1, every frame block with t = 0
             _, h, w = f.data[f"{f.modality}_grid_thw"].data.tolist()
-            extent = max(h, w) // merge  # transformers' get_rope_index: max(t, h, w) + 1 with t = 0
-            token = _qwen_token(self.config, f.modality)
-            start, length = f.mm_position.offset, f.mm_position.length
-            for s, n in _runs(input_tokens[start : start + length], token):  # one run per image / frame block
-                media.append((start + s, n, extent))
+            return max(h, w) // merge
+
+        media = _media_runs(input_tokens, mm_features, lambda m: _qwen_token(self.config, m), extent)
         return positions.prompt_positions(len(input_tokens), media, one_d=False)
+
+
+# ====================================================================== InternVL
+@MULTIMODAL_REGISTRY.register_processor(
+    pruning_processor(InternS1MultiModalProcessor, "InternVLForConditionalGeneration", lambda *a: 1,
+                      lambda c, m: c.image_token_id if m == "image" else None, blocks_are_images=True),
+    info=InternS1ProcessingInfo, dummy_inputs=InternS1DummyInputsBuilder)
+class PrunedInternVL(InternS1ForConditionalGeneration, SupportsMRoPE, SupportsMultiModalPruning):
+    """vLLM's InternVL (HF-native format) with vtprune's pre-LLM pruning: each image's run of tile tokens is one
+    span; a video's frames (``Frame1: <img>...</img>``, one tile each) are separate images, as transformers' processor
+    makes them. 1-D RoPE: original positions ride vLLM's M-RoPE path, as for LLaVA."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune = _host(self, vllm_config, "InternVLForConditionalGeneration")
+        self._video_token: int | None = None  # vLLM's InternVL gives video frames their own token (from the inputs)
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        host = self.vtprune
+        if host is None:
+            return super().embed_multimodal(**kwargs)
+        out: tuple[torch.Tensor, ...] = ()
+        per_tile = self.num_image_token
+        for key, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if inp is None:
+                continue
+            if inp["type"] not in ("pixel_values", "pixel_values_videos"):
+                raise ValueError(f"vtprune: InternVL prunes the images and videos it encodes itself; got precomputed "
+                                 f"{inp['type']} (serve them without the vtprune config)")
+            counts = [int(n) for n in inp["num_patches"]]  # tiles of each image, frames of each video
+            spans = counts if key == "images" else [1] * sum(counts)  # a frame is an image of one tile
+
+            def run(i: Any = inp, video: bool = key == "videos") -> list[torch.Tensor]:
+                items = self._process_vision_input(i)
+                return [f for x in items for f in x.split(per_tile)] if video else list(items)
+
+            record = host.adapter.record(spans, "image" if key == "images" else "video")
+            kept = host.encode(record, run, list(inp["pixel_values"].split(spans)))
+            rows = [torch.cat([f, positions.offset_columns(torch.stack([i, i * 0, i * 0], 1), f.dtype)], 1)
+                    if host.plan.original_positions else f for f, i in kept]
+            if key == "videos":  # a video's frames, back into one item
+                ends = torch.tensor(counts).cumsum(0).tolist()
+                rows = [torch.cat(rows[e - n : e]) for e, n in zip(ends, counts)]
+            out += tuple(rows)
+        return out
+
+    def _token(self, modality: str, feature: Any = None) -> int:
+        if modality == "video" and feature is not None:
+            self._video_token = int(feature.data["video_token_id"].data)
+        return int(self.config.image_token_id if modality == "image" else self._video_token)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        for f in mm_features:
+            self._token(f.modality, f)
+        def extent(f: Any) -> int:  # an image's run is all its tiles; a frame block is one tile
+            return self.num_image_token * (int(f.data["image_num_patches"].data) if f.modality == "image" else 1)
+
+        media = _media_runs(input_tokens, mm_features, self._token, extent)
+        return positions.prompt_positions(len(input_tokens), media, one_d=True)
+
+    def recompute_mrope_positions(self, input_ids: Any, multimodal_embeddings: Sequence[torch.Tensor],
+                                  mrope_positions: torch.Tensor,
+                                  num_computed_tokens: int) -> tuple[Any, torch.Tensor, int]:
+        ids = torch.as_tensor(input_ids, device=mrope_positions.device)
+        ph = ids.eq(self.config.image_token_id)
+        if self._video_token is not None:
+            ph |= ids.eq(self._video_token)
+        out, pos = positions.recompute(multimodal_embeddings, mrope_positions, num_computed_tokens, ph, one_d=True)
+        return out, pos, positions.decode_delta(pos, ph)

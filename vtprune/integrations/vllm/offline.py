@@ -53,11 +53,11 @@ def synthetic_requests(samples: Sequence[Any], tokenizer: Any) -> list[dict[str,
             for s in samples]
 
 
-def generate(llm: Any, requests: Sequence[dict[str, Any]], max_tokens: int = 1) -> list[Any]:
-    """Greedy outputs (with the chosen tokens' log-probabilities), in request order."""
+def generate(llm: Any, requests: Sequence[dict[str, Any]], max_tokens: int = 1, logprobs: int = 0) -> list[Any]:
+    """Greedy outputs (with the chosen tokens' log-probabilities and the top ``logprobs`` others), in request order."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
     return llm.generate(list(requests), params, use_tqdm=False)
 
 
