@@ -20,7 +20,7 @@ export OMP_WAIT_POLICY := PASSIVE
 VENV_VLLM := .venv-vllm
 STAMP_VLLM := $(VENV_VLLM)/.installed
 
-.PHONY: demo test test-oldest test-vllm install clean
+.PHONY: demo test test-oldest test-vllm venvs install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,9 @@ $(LMMS_OLD): $(STAMP_OLD) scripts/setup_lmms_eval.sh
 
 test-oldest: $(STAMP_OLD) $(LMMS_OLD)
 	$(VENV_OLD)/bin/python -m pytest -q
+
+# Every environment the tests use, built one after the other (CI then runs the suites side by side).
+venvs: $(STAMP) $(LMMS) $(STAMP_VLLM) $(STAMP_OLD) $(LMMS_OLD)
 
 clean:
 	rm -rf $(VENV) $(VENV_OLD) $(VENV_VLLM) out .pytest_cache

@@ -109,6 +109,34 @@ def test_llava_next_layout_matches_the_real_newlines():
         assert int((inputs["input_ids"] == IMAGE).sum()) == lay.num_tokens
 
 
+def test_newlines_all_keeps_every_newline_and_the_same_candidates():
+    """``newlines="all"``: the candidates kept are those of the default rule, plus every newline (a count known
+    before selection); the default drops a newline whose canvas row lost all its tokens."""
+    import vtprune
+    from vtprune.testing.tiny import IMAGE, Row, build, make_inputs
+
+    model = build("llava_next")
+    inputs = make_inputs(model, [Row(image_size=(40, 50)), Row(image_size=(56, 28))])
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    vis = inputs["input_ids"] == IMAGE
+    is_nl = torch.zeros_like(vis)
+    is_nl[vis] = torch.cat([(f == model.model.image_newline).all(-1) for f in feats])
+    kept = {}
+    for rule in ("row", "all"):
+        with vtprune.prune(model, "kcenter", keep=3, newlines=rule) as h, torch.no_grad():
+            model(**inputs)
+            kept[rule] = [torch.isin(torch.arange(vis.shape[1]), k) for k in h.stats.kept_positions]
+    for b in range(vis.shape[0]):
+        cand = vis[b] & ~is_nl[b]
+        assert torch.equal(kept["row"][b] & cand, kept["all"][b] & cand)
+        assert bool(kept["all"][b][is_nl[b]].all())
+        assert int((kept["all"][b] & vis[b]).sum()) == 3 + int(is_nl[b].sum())
+    assert any(not bool(k[n].all()) for k, n in zip(kept["row"], is_nl))  # the default rule did drop some
+    with pytest.raises(ValueError, match="newlines='some'.*'row', 'all'"):
+        vtprune.prune(model, "kcenter", keep=3, newlines="some")
+
+
 @pytest.mark.parametrize("total,weights,sizes", [(32, [1, 0.9, 0.001, 0.001], [16] * 4), (10, [1, 1, 1], [3, 5, 9]),
                                                   (100, [0.2, 0.5], [30, 40]), (5, [1e-3] * 8, [4] * 8)])
 def test_temporal_allocation_is_exact_bounded_and_proportional(total, weights, sizes):

@@ -61,6 +61,49 @@ def test_bad_configs_refused_with_the_reason(raw, message, llava_config):
         steps_for(PluginConfig.parse(raw), VllmLlava(llava_config))
 
 
+def test_llava_next_keeps_every_newline_and_counts_them_before_selection():
+    """vLLM needs each image's count before selection: the default newline rule is refused, and with
+    ``newlines="all"`` the count from the image's size is what transformers keeps."""
+    import vtprune
+    from vtprune.integrations.vllm.config import Plan
+    from vtprune.testing.tiny import IMAGE, Row, make_inputs
+
+    model = tiny.build("llava_next")
+    adapter = family_for(model.config, "LlavaNextForConditionalGeneration")
+    with pytest.raises(ValueError, match='"newlines": "all"'):
+        steps_for(PluginConfig.parse({"method": "kcenter", "keep": 3}), adapter)
+    cfg = PluginConfig.parse({"method": "cls_attention", "keep": 3, "newlines": "all"})
+    plan = Plan(cfg, adapter, steps_for(cfg, adapter))
+    for size in [(40, 50), (56, 28), (28, 28), (30, 30)]:
+        inputs = make_inputs(model, [Row(image_size=size)])
+        lay = adapter.layout_of(size)
+        vis = (inputs["input_ids"][0] == IMAGE).nonzero()[:, 0]
+        assert lay.num_tokens == vis.numel() == adapter.num_tokens(size[1], size[0])
+        with vtprune.prune(model, "cls_attention", keep=3, newlines="all") as h, torch.no_grad():
+            model(**inputs)
+            kept = int(torch.isin(vis, h.stats.kept_positions[0]).sum())
+        assert kept == plan.kept_item(lay.num_tokens, 1, int((lay.src == -1).sum()))
+
+
+def test_llava_onevision_video_keeps_its_newline_and_counts_frames():
+    import vtprune
+    from vtprune.integrations.vllm.config import Plan
+    from vtprune.testing.tiny import VIDEO, Row, make_inputs
+
+    model = tiny.build("llava_onevision")
+    adapter = family_for(model.config, "LlavaOnevisionForConditionalGeneration")
+    cfg = PluginConfig.parse({"method": "kcenter", "keep": 2, "newlines": "all"})
+    plan = Plan(cfg, adapter, steps_for(cfg, adapter))
+    inputs = make_inputs(model, [Row(images=0, video_frames=3)])
+    vis = (inputs["input_ids"][0] == VIDEO).nonzero()[:, 0]
+    lay = adapter.video_record(3).images[0]
+    assert lay.num_tokens == vis.numel() and adapter.structural_tokens({"pixel_values_videos": None}) == 1
+    with vtprune.prune(model, "kcenter", keep=2, newlines="all") as h, torch.no_grad():
+        model(**inputs)
+        kept = int(torch.isin(vis, h.stats.kept_positions[0]).sum())
+    assert kept == plan.kept_item(lay.num_tokens, 3, 1) == 3 * 2 + 1  # two per frame, and the newline
+
+
 def test_internvl_runs_sequence_methods_and_refuses_its_vision_tower_signals():
     config = tiny.build("internvl").config
     adapter = family_for(config, "InternVLForConditionalGeneration")

@@ -22,6 +22,7 @@ from vtprune.types import PruneStats
 
 _HANDLE_ATTR = "_vtprune_handle"
 POSITIONS: tuple[str, ...] = ("original", "compact")
+NEWLINES: tuple[str, ...] = ("row", "all")
 _STAGE_ORDER = {"vision": 0, "input": 1}
 
 
@@ -234,7 +235,7 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
 
 def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio: float | None = None, *,
          keep: int | None = None, layer: int | Sequence[int] | None = None, budget: str = "per_frame",
-         positions: str = "original", **method_kwargs: Any) -> list[Step]:
+         positions: str = "original", newlines: str = "row", **method_kwargs: Any) -> list[Step]:
     """The validated steps of a ``prune()`` call on ``adapter``'s family, in the order they run (every host
     plans with this: the Hugging Face host on a model, the vLLM host on a model config)."""
     methods = _resolve_methods(method, layer, method_kwargs)
@@ -247,6 +248,8 @@ def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio:
     check_policy(budget)
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(map(repr, POSITIONS))}")
+    if newlines not in NEWLINES:
+        raise ValueError(f"newlines={newlines!r} is not allowed; allowed: {', '.join(map(repr, NEWLINES))}")
     methods = [sub for m in methods for sub in m.resolve(adapter.num_layers).expand(adapter.num_layers)]
     steps = []
     for m in methods:
@@ -257,9 +260,9 @@ def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio:
             raise ValueError(f"method {m.name!r} has no budget: give prune(..., ratio=...) or keep=...")
         b = Budget(ratio=r, keep=k, policy=budget)
         if not m.layers:
-            steps.append(Step(m, b, m.stage, None))
+            steps.append(Step(m, b, m.stage, None, newlines))
         for K in m.layers:  # layer 0's input IS the LLM input: it runs with the pre-LLM steps
-            steps.append(Step(m, b, f"layer:{K}", K if K > 0 else None))
+            steps.append(Step(m, b, f"layer:{K}", K if K > 0 else None, newlines))
     adapter.check(methods, positions)
     steps.sort(key=lambda s: (1, s.layer) if s.layer is not None else (0, _STAGE_ORDER.get(s.label, 2)))
     return steps
@@ -274,6 +277,7 @@ def prune(
     layer: int | Sequence[int] | None = None,
     budget: str = "per_frame",
     positions: str = "original",
+    newlines: str = "row",
     replace: bool = False,
     **method_kwargs: Any,
 ) -> PruneHandle:
@@ -290,6 +294,9 @@ def prune(
         budget: "per_frame" (each image and video frame), "per_image" (a video pooled) or "global"
             (all visual tokens of a sample).
         positions: "original" keeps every kept token's position id; "compact" re-indexes them.
+        newlines: AnyRes ``image_newline`` tokens (LLaVA-NeXT, OneVision; never candidates, never counted):
+            "row" keeps one iff its canvas row keeps a token; "all" keeps every one (the count is then known
+            before selection, as the vLLM plugin needs).
         replace: remove an existing vtprune handle on this model first instead of raising.
         **method_kwargs: the method's own options (e.g. ``seed=1`` for "random").
     """
@@ -299,7 +306,8 @@ def prune(
     if impl.startswith("flex"):
         raise ValueError(f"attn_implementation={impl!r} is not supported (its BlockMask cannot be cut); use sdpa, "
                          "eager or flash_attention_2")
-    steps = plan(adapter, method, ratio, keep=keep, layer=layer, budget=budget, positions=positions, **method_kwargs)
+    steps = plan(adapter, method, ratio, keep=keep, layer=layer, budget=budget, positions=positions,
+                 newlines=newlines, **method_kwargs)
 
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None:
@@ -313,5 +321,5 @@ def prune(
     return handle
 
 
-__all__ = ["POLICIES", "POSITIONS", "PruneHandle", "adapter_for", "handle_of", "list_methods", "list_models", "method",
-           "plan", "prune"]
+__all__ = ["NEWLINES", "POLICIES", "POSITIONS", "PruneHandle", "adapter_for", "handle_of", "list_methods",
+           "list_models", "method", "plan", "prune"]

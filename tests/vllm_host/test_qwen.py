@@ -22,8 +22,7 @@ PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>w{a} w{b
           "<|im_start|>assistant\n")
 SIZES = [(56, 112), (168, 56), (84, 84), (112, 224), (196, 84)]  # (h, w) pixels: wide, tall, square ...
 CONFIGS = [("qwen2_5_vl", {"method": "kcenter", "keep": 4}), ("qwen2_5_vl", {"method": "random", "ratio": 0.5}),
-           ("qwen2_5_vl", {"method": "pool", "ratio": 0.75}),
-           ("qwen2_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen2_vl", {"method": "random", "keep": 5}),
+           ("qwen2_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen2_vl", {"method": "pool", "ratio": 0.75}),
            ("qwen3_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen3_vl", {"method": "random", "keep": 5}),
            ("qwen3_vl", {"method": "pool", "keep": 6})]
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")

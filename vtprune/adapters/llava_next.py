@@ -101,7 +101,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def tiny_batch(self, input_ids: torch.Tensor, images: list[dict[str, torch.Tensor]],
                    videos: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        tiles = max(p["pixel_values"].shape[1] for p in images)  # rows pad their tiles to the batch's most
+        tiles = max((p["pixel_values"].shape[1] for p in images), default=0)  # rows pad tiles to the batch's most
         padded = []
         for p in images:
             pv = p["pixel_values"]  # (1, n_tiles, 3, px, px)

@@ -108,7 +108,8 @@ def select(step: Step, c: Candidates, source: SignalSource, num_layers: int, *, 
                 merged.append((rows[:, None].expand_as(kept).reshape(-1), kept.reshape(-1),
                                values.reshape(-1, values.shape[-1])))
     changed = bool(groups) and not bool(keep.eq(c.valid).all())
-    if changed and bool(c.structural.any()):  # AnyRes rule: a newline survives iff its canvas row keeps a token
+    if changed and step.newlines == "row" and bool(c.structural.any()):  # AnyRes rule: a newline survives iff
+        # its canvas row keeps a token ("all": every newline survives, a count known before selection)
         kept_lines = torch.unique(c.line[keep & c.cand & (c.line >= 0)])
         keep = torch.where(c.structural, torch.isin(c.line, kept_lines), keep)
     if device.type == "cuda":

@@ -30,6 +30,7 @@ class Step:
     budget: Budget
     label: str  # "vision" | "input" | "layer:K"
     layer: int | None  # K for layer steps
+    newlines: str = "row"  # structural tokens (AnyRes newlines): "row" survive with their row, "all" always
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Tiny random checkpoints on disk, complete enough for any host to load (config, safetensors, tokenizer,
 processor, chat template): what the vLLM plugin's tests compare against transformers.
 
+* ``llava_next``: the tiny LLaVA-NeXT (56 px CLIP tiles, AnyRes up to 112 x 112) with a word-level tokenizer and
+  LLaVA-NeXT's processor.
+* ``llava_onevision``: the tiny LLaVA-OneVision (56 px SigLIP tiles, AnyRes-max-9 with down-sampling, pooled video
+  frames) with a word-level tokenizer and OneVision's image and video processors.
 * ``internvl``: the tiny HF-native InternVL (112 px tiles of 16 tokens, the LLM widened to head_dim 32) with a
   word-level tokenizer carrying InternVL's ``<img>`` / ``</img>`` / ``<IMG_CONTEXT>`` / ``<video>`` at the tiny
   model's token ids, and InternVL's image (up to 4 tiles + thumbnail) and video processors.
@@ -129,4 +133,70 @@ def save_internvl(path: str | Path, *, seed: int = 0, text_layers: int = 3) -> P
         tokenizer=tok, video_processor=InternVLVideoProcessor(size=side), chat_template=INTERNVL_TEMPLATE,
         image_seq_length=per_tile)
     processor.save_pretrained(path)
+    return path
+
+
+LLAVA_SPECIALS = {tiny.PAD: "<pad>", tiny.BOS: "<s>", tiny.EOS: "</s>", tiny.IMAGE: "<image>"}
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] in ('image', 'image_url') %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def save_llava_next(path: str | Path, *, seed: int = 0, text_layers: int = 3) -> Path:
+    """The tiny LLaVA-NeXT (CLIP tiles of 56 px = 4 x 4 patches, AnyRes pinpoints up to 112 x 112, the LLM widened to
+    head_dim 32) with a word-level tokenizer and LLaVA-NeXT's processor in ``path``."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    pinpoints = [[56, 112], [112, 56], [112, 112]]
+
+    def edit(cfg) -> None:
+        t = cfg.text_config
+        t.hidden_size, t.intermediate_size, t.head_dim = 128, 256, 32  # head_dim 32 for vLLM's CPU kernels
+        cfg.vision_config.image_size, cfg.image_grid_pinpoints = 56, pinpoints
+
+    path = Path(path)
+    from vtprune.synthetic.model import canonical_llava_layout
+
+    model = tiny.build("llava_next", seed=seed, text_layers=text_layers, edit=edit)
+    model.save_pretrained(path)
+    canonical_llava_layout(path)  # vision_tower.vision_model.*, which vLLM loads
+    tok = _word_tokenizer({**LLAVA_SPECIALS}, {"image_token": "<image>"}, LLAVA_TEMPLATE)
+    tok.eos_token, tok.pad_token = "</s>", "<pad>"
+    image = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                    image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=image, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                       image_token="<image>", num_additional_image_tokens=1,
+                       chat_template=LLAVA_TEMPLATE).save_pretrained(path)
+    return path
+
+
+def save_llava_onevision(path: str | Path, *, seed: int = 0, text_layers: int = 3) -> Path:
+    """The tiny LLaVA-OneVision (SigLIP tiles of 56 px = 4 x 4 patches, AnyRes-max-9 pinpoints up to 224 x 224 so a
+    large canvas is down-sampled, videos of 56 px frames pooled to 2 x 2; the LLM widened to head_dim 32) with a
+    word-level tokenizer and OneVision's processors in ``path``."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    from vtprune.synthetic.model import canonical_llava_layout
+
+    def edit(cfg) -> None:
+        cfg.text_config.hidden_size, cfg.text_config.intermediate_size = 128, 256  # head_dim 32 for vLLM's kernels
+
+    path = Path(path)
+    model = tiny.build("llava_onevision", seed=seed, text_layers=text_layers, edit=edit)
+    model.save_pretrained(path)
+    canonical_llava_layout(path)
+    px = model.config.vision_config.image_size
+    side = {"height": px, "width": px}
+    template = LLAVA_TEMPLATE.replace("<image>\n{% else %}",
+                                      "<image>\n{% elif c['type'] in ('video', 'video_url') %}<video>\n{% else %}")
+    tok = _word_tokenizer({**LLAVA_SPECIALS, tiny.VIDEO: "<video>"},
+                          {"image_token": "<image>", "video_token": "<video>"}, template)
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=model.config.image_grid_pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=side), tokenizer=tok,
+        num_image_tokens=(px // model.config.vision_config.patch_size) ** 2, vision_feature_select_strategy="full",
+        chat_template=template).save_pretrained(path)
     return path

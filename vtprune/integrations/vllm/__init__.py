@@ -21,6 +21,8 @@ from typing import Any
 #: architecture -> the vtprune class vLLM builds for it
 MODELS: dict[str, str] = {
     "LlavaForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlavaOnevision",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2_5_VL",
     "Qwen2VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2VL",
     "Qwen3VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen3VL",

@@ -26,7 +26,7 @@ from vtprune.integrations.vllm.families import VllmAdapter, family_for
 
 KEY = "vtprune"
 ATTR = "vtprune_plan"  # where the validated config travels with the model config (every vLLM process)
-OPTIONS = ("method", "ratio", "keep", "budget", "positions", "record")
+OPTIONS = ("method", "ratio", "keep", "budget", "positions", "newlines", "record")
 BUDGETS = ("per_frame", "per_image")
 #: signals that need the prompt's text, which vLLM's encoder path (features of an image, cached by its content
 #: hash and shared by every request showing it) never sees
@@ -42,6 +42,7 @@ class PluginConfig:
     keep: int | None = None
     budget: str = "per_frame"
     positions: str = "original"
+    newlines: str = "row"
     options: tuple[tuple[str, Any], ...] = ()  # the method's own options given beside it
     record: str | None = None  # a JSON-lines file: one line per encoded image (pixel checksum, kept indices)
 
@@ -63,11 +64,12 @@ class PluginConfig:
             method = list(method)
         options = tuple(sorted((k, v) for k, v in raw.items() if k not in OPTIONS))
         return cls(method=method, ratio=raw.get("ratio"), keep=raw.get("keep"),
-                   budget=raw.get("budget", "per_frame"), positions=raw.get("positions", "original"), options=options,
-                   record=raw.get("record"))
+                   budget=raw.get("budget", "per_frame"), positions=raw.get("positions", "original"),
+                   newlines=raw.get("newlines", "row"), options=options, record=raw.get("record"))
 
     def to_json(self) -> dict[str, Any]:
-        out = {"method": self.method, "budget": self.budget, "positions": self.positions, **dict(self.options)}
+        out = {"method": self.method, "budget": self.budget, "positions": self.positions, "newlines": self.newlines,
+               **dict(self.options)}
         if self.ratio is not None:
             out["ratio"] = self.ratio
         if self.keep is not None:
@@ -117,7 +119,14 @@ def steps_for(cfg: PluginConfig, adapter: VllmAdapter) -> list[Step]:
                              "encoder path never sees (an image's features are computed once per image and shared by "
                              "every request showing it); choose a method that needs no text")
     # plan() refuses signals whose capture source the adapter lacks (the vLLM adapters list what vLLM serves)
-    return plan(adapter, built, cfg.ratio, keep=cfg.keep, budget=cfg.budget, positions=cfg.positions)
+    steps = plan(adapter, built, cfg.ratio, keep=cfg.keep, budget=cfg.budget, positions=cfg.positions,
+                 newlines=cfg.newlines)
+    if adapter.structural and cfg.newlines != "all":
+        raise ValueError(f"vtprune: newlines={cfg.newlines!r} keeps {adapter.family}'s image_newline tokens only where "
+                         "their canvas row keeps a token, a count known after selection, and vLLM fixes each image's "
+                         "token count before the encoder runs; add \"newlines\": \"all\" (every newline kept; "
+                         "vtprune.prune(..., newlines=\"all\") keeps the same tokens)")
+    return steps
 
 
 def vision_methods() -> list[str]:
@@ -153,9 +162,11 @@ class Plan:
     def kept(self, n: int) -> int:
         return kept_count(self.steps, n, self.adapter.num_layers)
 
-    def kept_item(self, n: int, frames: int = 1) -> int:
+    def kept_item(self, n: int, frames: int = 1, structural: int = 0) -> int:
         """Placeholders of a media item of ``n`` tokens in ``frames`` equal frames (each a span of a per-frame
-        budget; a per-image budget pools them)."""
+        budget; a per-image budget pools them), ``structural`` of them never candidates and all kept."""
+        if structural:
+            return self.kept_item(n - structural, frames) + structural
         if self.config.budget == "per_frame" and frames > 1:
             if n % frames:
                 raise ValueError(f"vtprune: a video of {n} tokens in {frames} frames has unequal frames")

@@ -17,6 +17,8 @@ import torch.nn as nn
 from vtprune.adapters.base import Adapter, ImageLayout, VisionRecord
 from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.adapters.llava import LlavaAdapter
+from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtprune.adapters.qwen2_5_vl import Qwen2_5VLAdapter
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
@@ -97,6 +99,7 @@ class VllmAdapter(Adapter):
     stages: ClassVar[frozenset[str]] = frozenset({"vision", "input"})
     sources: ClassVar[frozenset[str]] = VISION_SOURCES
     vllm_architectures: ClassVar[tuple[str, ...]] = ()
+    structural: ClassVar[bool] = False  # its images carry structural tokens (AnyRes newlines)
 
     def __init__(self, hf_config: Any, model: nn.Module | None = None) -> None:  # noqa: D107
         self.model = self.vlm = model  # type: ignore[assignment]
@@ -114,6 +117,10 @@ class VllmAdapter(Adapter):
 
     def attn_implementation(self) -> str:
         return "vllm"
+
+    def structural_tokens(self, item: Any) -> int:
+        """Structural tokens in the placeholders of one processed media item (its vLLM multimodal kwargs)."""
+        return 0
 
     def signal_width(self) -> int | None:
         """Columns of the encoder's output rows that are the LLM-input token (what the signals read); the rest
@@ -204,6 +211,104 @@ class VllmLlava(VllmAdapter, LlavaAdapter):
         return record
 
 
+class _ConfigOnly:
+    """Stands in for a transformers VLM where the adapter reads its packing / pooling code (methods that read only
+    the config), so the vLLM adapter lays images out with transformers' own code."""
+
+    def __init__(self, config: Any, model_class: type) -> None:
+        self.config, self._cls = config, model_class
+
+    def pack_image_features(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cls.pack_image_features(self, *args, **kwargs)
+
+    def apply_pooling(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cls.apply_pooling(self, *args, **kwargs)
+
+
+class VllmLlavaNext(VllmLlava, LlavaNextAdapter):
+    """LLaVA-NeXT (``vllm/model_executor/models/llava_next.py``): LLaVA-1.5's tower and projector, AnyRes tiles packed
+    with one ``image_newline`` per canvas row. vLLM fixes the placeholder count before selection, so a newline's
+    survival cannot depend on its row: the plugin needs ``newlines="all"``."""
+
+    family = "llava_next"
+    vllm_architectures = ("LlavaNextForConditionalGeneration",)
+    structural = True
+
+    def __init__(self, hf_config: Any, model: nn.Module | None = None) -> None:  # noqa: D107
+        super().__init__(hf_config, model)
+        self.vlm = _ConfigOnly(hf_config, self._hf_class())  # type: ignore[assignment]
+        self._layouts: dict[tuple[int, int], Any] = {}
+
+    @staticmethod
+    def _hf_class() -> type:
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+        return LlavaNextModel
+
+    def layout_of(self, size: tuple[int, int]) -> Any:
+        """The HF layout of one image of ``size`` (height, width) pixels."""
+        size = (int(size[0]), int(size[1]))
+        if size not in self._layouts:
+            one = VisionRecord()
+            self.image_layouts("image", (), {"image_sizes": [size]}, None, one)
+            self._layouts[size] = one.images[0]
+        return self._layouts[size]
+
+    def structural_tokens(self, item: Any) -> int:
+        return int((self.layout_of(item["image_sizes"].data.tolist()).src == -1).sum())
+
+    def num_tokens(self, width: int, height: int) -> int:
+        return self.layout_of((height, width)).num_tokens
+
+    def record(self, image_sizes: list[tuple[int, int]], tiles: list[int]) -> VisionRecord:  # type: ignore[override]
+        """The layout of one encoder call's images: ``tiles[i]`` tiles of image i went through the ViT in order."""
+        T, P, _ = self.tile_tokens(self.config.vision_feature_select_strategy)
+        record = VisionRecord(modality="image", tokens_per_tile=T, features_per_tile=P, n_vit=sum(tiles) * T)
+        first = 0
+        for size, n in zip(image_sizes, tiles):
+            lay = self.layout_of(size)
+            record.images.append(ImageLayout(torch.where(lay.src >= 0, lay.src + first * T, lay.src), lay.grid,
+                                             lay.line, lay.frame))
+            first += n
+        record.produced = list(record.images)
+        return record
+
+
+class VllmLlavaOnevision(VllmLlavaNext, LlavaOnevisionAdapter):
+    """LLaVA-OneVision (``vllm/model_executor/models/llava_onevision.py``): SigLIP (no [CLS]), AnyRes-max-9 images
+    (canvases past 9 tiles bilinearly down-sampled) with a newline per canvas row, videos as 2x-pooled frames and
+    one trailing newline (always kept: it closes no row)."""
+
+    family = "llava_onevision"
+    vllm_architectures = ("LlavaOnevisionForConditionalGeneration",)
+
+    @staticmethod
+    def _hf_class() -> type:
+        from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+        return LlavaOnevisionModel
+
+    def structural_tokens(self, item: Any) -> int:
+        return 1 if "pixel_values_videos" in item else super().structural_tokens(item)
+
+    def video_record(self, frames: int) -> VisionRecord:
+        """The layout of one video of ``frames`` frames (its own encoder pass: frame counts differ across videos)."""
+        record = VisionRecord(modality="video")
+        self.image_layouts("video", (), {"pixel_values_videos": torch.empty(1, frames, 0)}, None, record)
+        record.produced = list(record.images)
+        return record
+
+    def record(self, image_sizes: list[tuple[int, int]], tiles: list[int]) -> VisionRecord:  # type: ignore[override]
+        """The layout of one encoder call's images, as transformers lays them out (signals go through its packing)."""
+        record = VisionRecord(modality="image")
+        self.image_layouts("image", (), {"image_sizes": [tuple(s) for s in image_sizes]}, None, record)
+        if sum(tiles) * record.tokens_per_tile != record.n_vit:  # vLLM pads no tiles when it batches images
+            raise RuntimeError(f"vtprune: vLLM encoded {sum(tiles)} tiles for images of sizes {image_sizes}, "
+                               f"transformers' layout has {record.n_vit // record.tokens_per_tile}")
+        record.produced = list(record.images)
+        return record
+
+
 class _VllmQwen(VllmAdapter):
     """Qwen-VL as vLLM runs it: signals of the token sequence (the merger's output) only. vLLM's vision tower
     differs from transformers' in its packing, so the ViT-side signals are refused at engine start rather than
@@ -270,8 +375,8 @@ class VllmInternVL(VllmAdapter, InternVLAdapter):
 
 
 FAMILIES: dict[str, type[VllmAdapter]] = {
-    arch: cls for cls in (VllmLlava, VllmQwen2VL, VllmQwen2_5_VL, VllmQwen3VL, VllmInternVL)
-    for arch in cls.vllm_architectures}
+    arch: cls for cls in (VllmLlava, VllmLlavaNext, VllmLlavaOnevision, VllmQwen2VL, VllmQwen2_5_VL, VllmQwen3VL,
+                          VllmInternVL) for arch in cls.vllm_architectures}
 
 
 def family_for(hf_config: Any, architecture: str, model: nn.Module | None = None) -> VllmAdapter:
