@@ -212,6 +212,10 @@ def test_unknown_and_invalid_model_args_fail_before_loading() -> None:
     assert (cfg.method.name, cfg.method.lam, cfg.method.keep, cfg.budget) == ("mmr", 0.25, 64, "global")
     cfg, _ = parse_model_args({"method": "divprune", "keep": 64}, allowed=())  # aliases resolve
     assert cfg.method.name == "kcenter" and cfg.label == "kcenter keep=64"
+    cfg, _ = parse_model_args({"method": "kcenter", "keep": 64, "newlines": "all"}, allowed=())  # the vLLM rule
+    assert cfg.newlines == "all" and cfg.label == "kcenter(newlines=all) keep=64" and cfg.to_dict()["newlines"] == "all"
+    with pytest.raises(ValueError, match=r"newlines='some'.*row, all"):
+        VTPruneHF(pretrained=missing, method="random", ratio=0.5, newlines="some")
 
 
 def _fake_distribution(root: Path) -> None:

@@ -108,7 +108,7 @@ class PruneHandle:
             "model": self.adapter.family,
             "positions": self.positions,
             "steps": [
-                {"stage": s.label, "method": s.method.to_dict(),
+                {"stage": s.label, "method": s.method.to_dict(), "newlines": s.newlines,
                  "budget": {"ratio": s.budget.ratio, "keep": s.budget.keep, "policy": s.budget.policy}}
                 for s in self.steps
             ],

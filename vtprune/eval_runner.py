@@ -64,6 +64,7 @@ class SweepSpec:
     keeps: list[int] = field(default_factory=list)
     budget: str = "per_frame"
     positions: str = "original"
+    newlines: str = "row"
     baseline: bool = True
     limit: int | float | None = None
     batch_size: int = 1
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keeps", help="comma-separated visual tokens kept per span, e.g. 192,128,64")
     a("--budget", help="span policy: per_frame (default), per_image, global, temporal")
     a("--positions", help="original (default) or compact")
+    a("--newlines", help="AnyRes newlines: row (default: kept with their canvas row) or all (the vLLM plugin's)")
     a("--no-baseline", dest="baseline", action="store_false", default=None, help="skip the unpruned run")
     a("--limit", type=float, help="documents per task (an integer), or a fraction if < 1")
     a("--batch-size", type=int, help="prompts per generate call (default 1; lmms-eval's llava_hf needs 1)")
@@ -188,7 +190,7 @@ def settings_of(spec: SweepSpec) -> list[Any]:
     """The :class:`PruneConfig` of every run: baseline first, then each method x budget (validated)."""
     from vtprune.integrations.model_args import PruneConfig, parse_model_args
 
-    out = [PruneConfig(None, spec.budget, spec.positions)] if spec.baseline else []
+    out = [PruneConfig(None, spec.budget, spec.positions, spec.newlines)] if spec.baseline else []
     for name, opts in spec.methods:
         own = "ratio" in opts or "keep" in opts
         budgets = [{}] if own else [{"ratio": r} for r in spec.ratios] + [{"keep": k} for k in spec.keeps]
@@ -196,7 +198,8 @@ def settings_of(spec: SweepSpec) -> list[Any]:
             raise ValueError(f"method {name!r} has no budget: give --ratios / --keeps, or ratio= / keep= "
                              "in its spec")
         for b in budgets:
-            args = {"method": name, "budget": spec.budget, "positions": spec.positions, **opts, **b}
+            args = {"method": name, "budget": spec.budget, "positions": spec.positions, "newlines": spec.newlines,
+                    **opts, **b}
             out.append(parse_model_args(args, allowed=(), owner=f"--methods {name}")[0])
     if not out:
         raise ValueError("nothing to run: no baseline and no methods")

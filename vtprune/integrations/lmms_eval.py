@@ -14,8 +14,8 @@ model id               class
 
 The wrappers subclass lmms-eval's own classes (so prompts, image handling and decoding are exactly
 lmms-eval's) and add one thing: ``vtprune.prune`` on the loaded model. ``--model_args`` takes the parent's
-arguments plus ``method=``, ``ratio=`` / ``keep=``, ``layer=``, ``budget=``, ``positions=`` and the method's
-own fields (``lam=0.5`` for mmr, ``seed=1`` for random; lists as ``layer=[7,9,12]`` or ``layer=7;9;12``).
+arguments plus ``method=``, ``ratio=`` / ``keep=``, ``layer=``, ``budget=``, ``positions=``, ``newlines=`` and the
+method's own fields (``lam=0.5`` for mmr, ``seed=1`` for random; lists as ``layer=[7,9,12]`` or ``layer=7;9;12``).
 They are split off and validated through :func:`vtprune.method` BEFORE the parent constructor runs (a
 checkpoint is never loaded for a typo); anything neither side knows is an error naming the allowed
 arguments. ``method=none`` (or no ``method``) evaluates the unpruned model.
@@ -164,7 +164,8 @@ class PruningMixin:
                 tok = self._vt_tokenizer()
                 if tok is not None:  # MMTok-style keyword instructions need the model's tokenizer
                     m = dataclasses.replace(m, tokenizer=tok)
-            self._vt_handle = prune(model, m, budget=config.budget, positions=config.positions)
+            self._vt_handle = prune(model, m, budget=config.budget, positions=config.positions,
+                                    newlines=config.newlines)
         self._vt_clock = PrefillClock(model, on_start=self._vt_stats, on_stop=self._vt_record)
         self._vt_config = config
         self.reset_records()
@@ -342,7 +343,7 @@ def wrap(parent: type, name: str | None = None, model_id: str | None = None) -> 
     ``self.model``, with pruning, per-sample records and a model-keeping ``clean()``."""
     name = name or f"VTPrune{parent.__name__}"
     doc = (f"lmms-eval's ``{parent.__module__}.{parent.__name__}`` with vtprune pruning: model_args are the "
-           f"parent's plus method=, ratio= / keep=, layer=, budget=, positions= and the method's options.")
+           f"parent's plus method=, ratio= / keep=, layer=, budget=, positions=, newlines= and the method's options.")
     return type(name, (PruningMixin, parent), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
                                                 "model_id": model_id or name.lower()})
 

@@ -1,5 +1,5 @@
-"""lmms-eval ``--model_args``: the pruning part (method, budget, positions, the method's own fields) split off
-and validated before any checkpoint is loaded, the rest left for the model's constructor."""
+"""lmms-eval ``--model_args``: the pruning part (method, budget, positions, newlines, the method's own fields) split
+off and validated before any checkpoint is loaded, the rest left for the model's constructor."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from collections.abc import Collection
 from typing import Any
 
 from vtprune import spec
-from vtprune.api import POSITIONS
+from vtprune.api import NEWLINES, POSITIONS
 from vtprune.api import method as build_method
 from vtprune.budget import check_policy
 from vtprune.methods.base import Method
 from vtprune.registry import METHODS
 
 #: model_args that configure pruning rather than the model (a method's own fields come on top).
-PRUNE_KEYS: tuple[str, ...] = ("method", "budget", "positions")
+PRUNE_KEYS: tuple[str, ...] = ("method", "budget", "positions", "newlines")
 #: Arguments lmms-eval itself passes to every model constructor.
 FRAMEWORK_KEYS: tuple[str, ...] = ("batch_size", "max_batch_size", "device")
 _BASELINE_NAMES = {"", "none", "null", "baseline"}
@@ -33,6 +33,7 @@ class PruneConfig:
     method: Method | None = None
     budget: str = "per_frame"
     positions: str = "original"
+    newlines: str = "row"
 
     @property
     def method_label(self) -> str:
@@ -48,6 +49,7 @@ class PruneConfig:
                 if k not in ("method", "version", "ratio", "keep") and defaults.get(k, object()) != v}
         extra = [f"budget={self.budget}"] if self.budget != "per_frame" else []
         extra += [f"positions={self.positions}"] if self.positions != "original" else []
+        extra += [f"newlines={self.newlines}"] if self.newlines != "row" else []
         inner = ", ".join([f"{k}={v}" for k, v in opts.items()] + extra)
         return f"{m.name}({inner})" if inner else m.name
 
@@ -65,7 +67,7 @@ class PruneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": None if self.method is None else self.method.to_dict(), "budget": self.budget,
-                "positions": self.positions}
+                "positions": self.positions, "newlines": self.newlines}
 
 
 def method_options(name: str) -> dict[str, str]:
@@ -90,12 +92,15 @@ def parse_model_args(kwargs: dict[str, Any], *, allowed: Collection[str] | None,
     name = kw.pop("method", None)
     budget = kw.pop("budget", "per_frame")
     positions = kw.pop("positions", "original")
+    newlines = kw.pop("newlines", "row")
     try:
         check_policy(budget)
     except ValueError as exc:
         raise ValueError(f"{owner}: {exc}") from None
     if positions not in POSITIONS:
         raise ValueError(f"{owner}: positions={positions!r} is not allowed; allowed: {', '.join(POSITIONS)}")
+    if newlines not in NEWLINES:
+        raise ValueError(f"{owner}: newlines={newlines!r} is not allowed; allowed: {', '.join(NEWLINES)}")
 
     method_kw: dict[str, Any] = {}
     options: dict[str, str] = {}
@@ -146,7 +151,7 @@ def parse_model_args(kwargs: dict[str, Any], *, allowed: Collection[str] | None,
                 f"{owner}: method={name!r} needs a budget: ratio=R (fraction of visual tokens removed, "
                 "in [0, 1)) or keep=K (visual tokens kept per span)"
             )
-    return PruneConfig(method_obj, budget, positions), rest
+    return PruneConfig(method_obj, budget, positions, newlines), rest
 
 
 def _init_params(cls: type) -> set[str] | None:
