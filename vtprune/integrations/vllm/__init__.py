@@ -8,10 +8,11 @@ vtprune's model classes for the architectures it covers (by name: nothing of vLL
 config hook that, at engine start, validates the ``vtprune`` entry of ``additional_config`` and stores it on the
 model config. Without that entry every class behaves exactly as vLLM's own. See docs/vllm.md.
 
-Rooms: :mod:`.config` (the entry -> steps, kept counts, the engine-start hook), :mod:`.families` (vtprune's
-adapters over vLLM's modules), :mod:`.host` (the selection on one encoder call), :mod:`.positions` (original
-positions through vLLM's multimodal-pruning path), :mod:`.models` (the model and processor classes),
-:mod:`.runner` (the one runner patch).
+Rooms: :mod:`.config` (the entry -> steps, kept counts, the engine-start hook), :mod:`.families` (vtprune's adapters
+over vLLM's modules), :mod:`.host` (the selection on one encoder call), :mod:`.positions` (original positions
+through vLLM's multimodal-pruning path), :mod:`.models` (the shared processor and host glue) with
+:mod:`.models_llava`, :mod:`.models_qwen`, :mod:`.models_internvl` (the model classes), :mod:`.runner` (the one
+runner patch).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from typing import Any
 
 #: architecture -> the vtprune class vLLM builds for it
 MODELS: dict[str, str] = {
-    "LlavaForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlava",
-    "LlavaNextForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlavaNext",
-    "LlavaOnevisionForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedLlavaOnevision",
-    "Qwen2_5_VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2_5_VL",
-    "Qwen2VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen2VL",
-    "Qwen3VLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedQwen3VL",
-    "InternVLForConditionalGeneration": "vtprune.integrations.vllm.models:PrunedInternVL",
+    "LlavaForConditionalGeneration": "vtprune.integrations.vllm.models_llava:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "vtprune.integrations.vllm.models_llava:PrunedLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "vtprune.integrations.vllm.models_llava:PrunedLlavaOnevision",
+    "Qwen2_5_VLForConditionalGeneration": "vtprune.integrations.vllm.models_qwen:PrunedQwen2_5_VL",
+    "Qwen2VLForConditionalGeneration": "vtprune.integrations.vllm.models_qwen:PrunedQwen2VL",
+    "Qwen3VLForConditionalGeneration": "vtprune.integrations.vllm.models_qwen:PrunedQwen3VL",
+    "InternVLForConditionalGeneration": "vtprune.integrations.vllm.models_internvl:PrunedInternVL",
 }
 
 
