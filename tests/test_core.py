@@ -44,6 +44,26 @@ def test_patcher_undoes_everything_lifo_and_twice():
     assert not m._forward_hooks and not m._forward_pre_hooks and len(p) == 0
 
 
+def test_patcher_hooks_a_module_whose_class_replaces_call():
+    """vLLM's torch.compile-able modules call ``self.forward`` from their own ``__call__`` (hooks never run): with
+    ``via_forward`` the Patcher wraps their forward instead (a pre-hook may replace the arguments, as with torch's
+    hooks; wrappers nest in installation order, so a later post-hook sees the arguments the module was called
+    with)."""
+
+    class Direct(nn.Linear):
+        def __call__(self, *args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+    m, seen = Direct(2, 2), []
+    p = Patcher()
+    p.pre_hook(m, lambda mod, a, k: ((a[0] * 0,), k), via_forward=True)
+    p.post_hook(m, lambda mod, a, k, out: seen.append((a[0].sum().item(), out.shape)), via_forward=True)
+    x = torch.ones(1, 2)
+    assert torch.equal(m(x), m.bias[None].detach()) and seen == [(2.0, (1, 2))]
+    p.undo()
+    assert "forward" not in m.__dict__ and not torch.equal(m(x), m.bias[None].detach())
+
+
 def test_registry_did_you_mean_aliases_and_entry_points(monkeypatch):
     class EP:
         name, value = "beta", "collections:Counter"

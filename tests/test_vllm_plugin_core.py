@@ -104,27 +104,51 @@ def test_llava_onevision_video_keeps_its_newline_and_counts_frames():
     assert kept == plan.kept_item(lay.num_tokens, 3, 1) == 3 * 2 + 1  # two per frame, and the newline
 
 
-def test_internvl_runs_sequence_methods_and_refuses_its_vision_tower_signals():
+def test_internvl_plans_vision_tower_methods_and_joins_tiles_per_image():
     config = tiny.build("internvl").config
     adapter = family_for(config, "InternVLForConditionalGeneration")
     for raw in ({"method": "kcenter", "keep": 16}, {"method": "pool", "ratio": 0.75, "positions": "compact"}):
         assert steps_for(PluginConfig.parse(raw), adapter)
-    with pytest.raises(ValueError, match="cannot supply"):
-        steps_for(PluginConfig.parse({"method": "cls_attention", "keep": 16}), adapter)
+    for method in ("cls_attention", "visionzip", "zeroth_order", "mmr", "kcenter:variant=todre"):
+        assert steps_for(PluginConfig.parse({"method": method, "keep": 16}), adapter)
+    with pytest.raises(ValueError, match="out of range"):
+        steps_for(PluginConfig.parse({"method": "cls_attention", "keep": 16, "vit_layer": 5}), adapter)
     record = adapter.record([3, 1])  # two images of 3 tiles and 1: one span each, tiles side by side
     assert [im.num_tokens for im in record.images] == [3 * 16, 16]
     assert record.images[0].grid[:, 0].unique().tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_qwen_refuses_vision_tower_signals_and_compact(family, qwen):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_plans_vision_tower_methods_and_refuses_compact(family, qwen):
     config = qwen.config if family == "qwen2_5_vl" else tiny.build(family).config
     adapter = family_for(config, type(config).__name__.replace("Config", "ForConditionalGeneration"))
-    assert steps_for(PluginConfig.parse({"method": "kcenter", "keep": 16}), adapter)
-    with pytest.raises(ValueError, match="cannot supply"):
-        steps_for(PluginConfig.parse({"method": "zeroth_order", "keep": 16}), adapter)
+    for method in ("kcenter", "zeroth_order", "visionzip", "mmr", "cls_attention", "kcenter:variant=todre"):
+        assert steps_for(PluginConfig.parse({"method": method, "keep": 16}), adapter)
+    with pytest.raises(ValueError, match="out of range"):
+        steps_for(PluginConfig.parse({"method": "visionzip", "keep": 16, "vit_layer": 9}), adapter)
     with pytest.raises(ValueError, match="compact"):
         steps_for(PluginConfig.parse({"method": "kcenter", "keep": 16, "positions": "compact"}), adapter)
+    assert adapter.vit_heads(None) == (4, 8)  # the tiny tower: width 32, 4 heads
+
+
+def test_a_compiled_vision_encoder_refuses_vision_tower_signals(qwen):
+    """compile_mm_encoder traces the ViT, where the captures of ViT signals live: refused at engine start, while a
+    method reading the token sequence starts."""
+    from types import SimpleNamespace
+
+    from vtprune.integrations.vllm.config import ATTR, configure
+
+    def start(raw):
+        config = tiny.build("qwen2_5_vl").config
+        vllm_config = SimpleNamespace(
+            additional_config={"vtprune": raw}, compilation_config=SimpleNamespace(compile_mm_encoder=True),
+            model_config=SimpleNamespace(hf_config=config, architecture="Qwen2_5_VLForConditionalGeneration"))
+        configure(vllm_config)
+        return getattr(config, ATTR, None)
+
+    assert start({"method": "kcenter", "keep": 8}) is not None
+    with pytest.raises(ValueError, match="compile_mm_encoder"):
+        start({"method": "visionzip", "keep": 8})
 
 
 def test_qwen3_signals_read_the_token_not_its_deepstack_columns():

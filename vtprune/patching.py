@@ -30,17 +30,47 @@ class Patcher:
     def __len__(self) -> int:
         return len(self._undo)
 
-    def pre_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "") -> None:
-        """``module.register_forward_pre_hook(fn, with_kwargs=True)``, undone by removing the hook."""
-        handle = module.register_forward_pre_hook(fn, with_kwargs=True)
-        self._undo.append((what or f"pre-hook on {type(module).__name__}", handle.remove))
+    def pre_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "", via_forward: bool = False) -> None:
+        """``module.register_forward_pre_hook(fn, with_kwargs=True)``, undone by removing the hook. ``via_forward``:
+        for a module whose class calls ``self.forward`` from its own ``__call__`` (no hooks run; vLLM's
+        torch.compile-able modules), wrap its ``forward`` instead, with the same arguments and return rules."""
+        what = what or f"pre-hook on {type(module).__name__}"
+        if via_forward:
+            def pre(forward: Callable[..., Any]) -> Callable[..., Any]:
+                def run(*args: Any, **kwargs: Any) -> Any:
+                    changed = fn(module, args, kwargs)  # None, or new (args, kwargs) as torch's hooks return
+                    a, k = (args, kwargs) if changed is None else changed
+                    return forward(*a, **k)
 
-    def post_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "",
-                  always_call: bool = False) -> None:
+                return run
+
+            return self.wrap_method(module, "forward", pre, what=what)
+        handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+        self._undo.append((what, handle.remove))
+
+    def post_hook(self, module: nn.Module, fn: Callable[..., Any], *, what: str = "", always_call: bool = False,
+                  via_forward: bool = False) -> None:
         """``module.register_forward_hook(fn, with_kwargs=True)``, undone by removing the hook.
-        ``always_call``: also run when the forward raises (closing per-forward state)."""
+        ``always_call``: also run when the forward raises (closing per-forward state); ``via_forward``: as for
+        :meth:`pre_hook`."""
+        what = what or f"hook on {type(module).__name__}"
+        if via_forward:
+            def post(forward: Callable[..., Any]) -> Callable[..., Any]:
+                def run(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        out = forward(*args, **kwargs)
+                    except BaseException:
+                        if always_call:
+                            fn(module, args, kwargs, None)
+                        raise
+                    changed = fn(module, args, kwargs, out)
+                    return out if changed is None else changed
+
+                return run
+
+            return self.wrap_method(module, "forward", post, what=what)
         handle = module.register_forward_hook(fn, with_kwargs=True, always_call=always_call)
-        self._undo.append((what or f"hook on {type(module).__name__}", handle.remove))
+        self._undo.append((what, handle.remove))
 
     def set_attr(self, obj: object, name: str, value: object, *, what: str = "") -> None:
         """Set ``obj.name = value``; undo restores the previous instance attribute or deletes it."""

@@ -23,7 +23,9 @@ from vtprune.testing.checkpoints import save_internvl  # noqa: E402
 IMAGE_PROMPT = "<|im_start|>user\n<IMG_CONTEXT>\nw{a} w{b}<|im_end|>\n<|im_start|>assistant\n"
 VIDEO_PROMPT = "<|im_start|>user\n<video>\nw{a} w{b}<|im_end|>\n<|im_start|>assistant\n"
 SIZES = [(64, 128), (192, 64), (96, 96), (128, 300)]  # (h, w): 3, 4, 1 and 4 tiles (+ thumbnail when > 1)
-CONFIGS = [{"method": "kcenter", "ratio": 0.5}, {"method": "pool", "keep": 5, "budget": "per_image"}]
+CONFIGS = [{"method": "kcenter", "ratio": 0.5}, {"method": "pool", "keep": 5, "budget": "per_image"},
+           # vision-tower signals ([CLS] attention, keys, [CLS] state, the pixel-shuffled projector input)
+           {"method": "visionzip", "keep": 6}, {"method": "zeroth_order", "ratio": 0.5}]
 
 
 @pytest.fixture(scope="module")

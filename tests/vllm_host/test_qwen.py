@@ -1,8 +1,8 @@
 """The vLLM plugin on Qwen2.5-VL, Qwen2-VL and Qwen3-VL (M-RoPE), against transformers: tiny random checkpoints saved
 with their tokenizer and processor; wide, tall and square images (different grids, so different kept counts under a
 ratio). Kept indices, first-token log-probabilities (they depend on every kept token's (t, h, w) position) and greedy
-answers must equal ``vtprune.prune`` in transformers. The methods are those the plugin runs on Qwen-VL (signals of
-the token sequence); the others are refused at engine start (tests/test_vllm_plugin_core.py)."""
+answers must equal ``vtprune.prune`` in transformers, for methods reading the token sequence and methods reading the
+vision tower (attention received, keys, the merger's input)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,13 @@ SIZES = [(56, 112), (168, 56), (84, 84), (112, 224), (196, 84)]  # (h, w) pixels
 CONFIGS = [("qwen2_5_vl", {"method": "kcenter", "keep": 4}), ("qwen2_5_vl", {"method": "random", "ratio": 0.5}),
            ("qwen2_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen2_vl", {"method": "pool", "ratio": 0.75}),
            ("qwen3_vl", {"method": "kcenter", "ratio": 0.5}), ("qwen3_vl", {"method": "random", "keep": 5}),
-           ("qwen3_vl", {"method": "pool", "keep": 6})]
+           ("qwen3_vl", {"method": "pool", "keep": 6}),
+           # vision-tower signals: rotated q / k of vLLM's packed ViT attention, the merger's input
+           ("qwen2_5_vl", {"method": "visionzip", "keep": 6, "vit_layer": 1}),  # a window-attention block
+           ("qwen2_5_vl", {"method": "zeroth_order", "ratio": 0.5}),
+           ("qwen2_vl", {"method": "mmr", "keep": 5}), ("qwen2_vl", {"method": "cls_attention", "ratio": 0.5}),
+           ("qwen3_vl", {"method": "kcenter", "variant": "todre", "keep": 6}),
+           ("qwen3_vl", {"method": "visionzip", "ratio": 0.5})]
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 
@@ -106,11 +112,12 @@ VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>w7
 
 VIDEOS = [("qwen2_5_vl", {"method": "kcenter", "keep": 3}),
           ("qwen2_5_vl", {"method": "random", "ratio": 0.5, "budget": "per_image"}),
-          ("qwen3_vl", {"method": "kcenter", "keep": 3})]
+          ("qwen3_vl", {"method": "kcenter", "keep": 3}),
+          ("qwen2_vl", {"method": "visionzip", "keep": 3})]  # ViT signals of a video: a segment per temporal patch
 
 
 @pytest.mark.parametrize(("family", "config"), VIDEOS, ids=["qwen2_5_vl-per-frame", "qwen2_5_vl-per-video",
-                                                            "qwen3_vl-per-frame"])
+                                                            "qwen3_vl-per-frame", "qwen2_vl-visionzip-per-frame"])
 def test_video_same_kept_tokens_and_positions_as_hf(family, config, checkpoints, models, tmp_path):
     """Videos: per-frame spans (or the video pooled). Qwen2.5-VL: one run of placeholders, temporal M-RoPE positions
     scaled by seconds per grid x tokens per second (transformers' processor assumes 24 fps when given none; vLLM is

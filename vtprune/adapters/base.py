@@ -201,6 +201,23 @@ class Adapter:
             raise ValueError("vit_layer selects the patch embeddings, which have no attention; choose a layer >= 1")
         return self.vit_layers()[h - 1].self_attn
 
+    def bypasses_hooks(self, module: nn.Module) -> bool:
+        """Whether calling ``module`` skips its forward hooks (the host then wraps its ``forward``)."""
+        return False
+
+    def vit_heads(self, vit_layer: int | None) -> tuple[int, int]:
+        """(heads, head dim) of the ViT attention layer ``vit_layer``."""
+        attn = self.vit_attention(vit_layer)
+        return attn.num_heads, attn.head_dim
+
+    def vit_attention_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """What a ViT signal reads from the call of the module ``vit_attention`` returns: its normed input "x",
+        plus "cu_seqlens" / "position_embeddings" for packed towers (hosts whose attention takes rotated q / k
+        capture those instead)."""
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return {"x": x.detach(), "cu_seqlens": kwargs.get("cu_seqlens"),
+                "position_embeddings": kwargs.get("position_embeddings")}
+
     # Each takes the ViT attention module and what was captured at its input ({"x": normed input, plus
     # "cu_seqlens" / "position_embeddings" for packed towers}) and returns one row per ViT row of the
     # record (the units ``ImageLayout.src`` counts).

@@ -168,7 +168,7 @@ class Qwen2VLAdapter(Adapter):
         return self.vlm.visual.blocks
 
     def feature_hidden_index(self, vit_layer: int | None) -> int:
-        n = len(self.vit_layers())
+        n = self.num_vit_layers()
         layer = n if vit_layer is None else vit_layer  # the merger reads the last block's output
         if not -(n + 1) <= layer <= n:
             raise ValueError(f"vit_layer={layer} is out of range for a {n}-block vision tower (use -{n + 1}..{n})")

@@ -55,11 +55,16 @@ class Captures:
         a = self.adapter
         for (source, l), statistic in sorted(capture_points(a, steps).items(), key=lambda kv: kv[0]):
             if source == "vit_attention":
-                patcher.pre_hook(a.vit_attention(l), self._vit_in(l), what=f"vtprune: capture ViT attention input {l}")
+                m = a.vit_attention(l)
+                patcher.pre_hook(m, self._vit_in(l), what=f"vtprune: capture ViT attention input {l}",
+                                 via_forward=a.bypasses_hooks(m))
             elif source == "vit_output":
-                patcher.post_hook(a.vit_layers()[l - 1], self._vit_out(l), what=f"vtprune: capture ViT output {l}")
+                m = a.vit_layers()[l - 1]
+                patcher.post_hook(m, self._vit_out(l), what=f"vtprune: capture ViT output {l}",
+                                  via_forward=a.bypasses_hooks(m))
             elif source == "projector_input":
-                patcher.pre_hook(a.projector, self._projector_in, what="vtprune: capture projector input")
+                patcher.pre_hook(a.projector, self._projector_in, what="vtprune: capture projector input",
+                                 via_forward=a.bypasses_hooks(a.projector))
             elif source == "pixels":
                 self.needs_pixels = True  # the feature-call wrapper keeps a reference to the pixels
             elif source == "decoder_attention":
@@ -77,9 +82,7 @@ class Captures:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             record = self.pending()
             if record is not None:
-                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                record.stash[("vit_in", h)] = {"x": x.detach(), "cu_seqlens": kwargs.get("cu_seqlens"),
-                                               "position_embeddings": kwargs.get("position_embeddings")}
+                record.stash[("vit_in", h)] = self.adapter.vit_attention_inputs(args, kwargs)
 
         return hook
 

@@ -288,8 +288,7 @@ class StageView:
         keys = self._vit_signal("vit_keys", sig, vit_layer)  # (S, N, Dk)
         if not heads:
             return keys
-        attn = self.adapter.vit_attention(vit_layer)
-        H, d = attn.num_heads, attn.head_dim
+        H, d = self.adapter.vit_heads(vit_layer)
         # (S, N, patches, H, d): a merged token (Qwen's 2x2, InternVL's shuffle) averages its patches' keys
         return keys.reshape(*keys.shape[:2], -1, H, d).mean(2)
 

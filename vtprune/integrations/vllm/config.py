@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vtprune.api import plan
+from vtprune.engine.capture import capture_points
 from vtprune.engine.state import Step
 from vtprune.integrations.vllm.families import VllmAdapter, family_for
 
@@ -44,7 +45,7 @@ class PluginConfig:
     positions: str = "original"
     newlines: str = "row"
     options: tuple[tuple[str, Any], ...] = ()  # the method's own options given beside it
-    record: str | None = None  # a JSON-lines file: one line per encoded image (pixel checksum, kept indices)
+    record: str | None = None  # a JSON-lines file: one line per encoded image (pixel checksum, kept, select_ms)
 
     @classmethod
     def parse(cls, raw: Any) -> PluginConfig:
@@ -196,7 +197,12 @@ def configure(vllm_config: Any) -> None:
     hf_config = model_config.hf_config
     cfg = PluginConfig.parse(raw)
     adapter = family_for(hf_config, model_config.architecture)
-    steps_for(cfg, adapter)  # raises with vtprune's message: the engine does not start
+    steps = steps_for(cfg, adapter)  # raises with vtprune's message: the engine does not start
+    compiled = getattr(getattr(vllm_config, "compilation_config", None), "compile_mm_encoder", False)
+    if compiled and any(source != "pixels" for source, _ in capture_points(adapter, steps)):
+        raise ValueError(f"vtprune: method {cfg.method!r} reads signals from inside the vision encoder, which "
+                         "compilation_config.compile_mm_encoder=True compiles; run without compile_mm_encoder, or "
+                         "with a method that reads the token sequence only (kcenter, pool, random)")
     setattr(hf_config, ATTR, cfg.to_json())
     if cfg.positions == "original" and not adapter.mrope:
         text = hf_config.get_text_config()

@@ -9,6 +9,7 @@ and the q / k weights a ViT signal needs are gathered once, so every rank select
 
 from __future__ import annotations
 
+import operator
 from typing import Any, ClassVar
 
 import torch
@@ -100,6 +101,7 @@ class VllmAdapter(Adapter):
     sources: ClassVar[frozenset[str]] = VISION_SOURCES
     vllm_architectures: ClassVar[tuple[str, ...]] = ()
     structural: ClassVar[bool] = False  # its images carry structural tokens (AnyRes newlines)
+    vit_attention_path: ClassVar[str] = "self_attn"  # a ViT layer's module whose call the ViT signals capture
 
     def __init__(self, hf_config: Any, model: nn.Module | None = None) -> None:  # noqa: D107
         self.model = self.vlm = model  # type: ignore[assignment]
@@ -117,6 +119,18 @@ class VllmAdapter(Adapter):
 
     def attn_implementation(self) -> str:
         return "vllm"
+
+    def vit_attention(self, vit_layer: int | None) -> nn.Module:
+        h = self.feature_hidden_index(vit_layer)
+        if h == 0:
+            raise ValueError("vit_layer selects the patch embeddings, which have no attention; choose a layer >= 1")
+        if self.model is None:  # planning: the range check is all
+            return None  # type: ignore[return-value]
+        return operator.attrgetter(self.vit_attention_path)(self.vit_layers()[h - 1])
+
+    def bypasses_hooks(self, module: nn.Module) -> bool:
+        # vLLM's @support_torch_compile classes call self.forward from their own __call__ when not compiling
+        return getattr(type(module), "_ignore_compile_vllm", None) is not None
 
     def structural_tokens(self, item: Any) -> int:
         """Structural tokens in the placeholders of one processed media item (its vLLM multimodal kwargs)."""
@@ -152,14 +166,6 @@ class VllmLlava(VllmAdapter, LlavaAdapter):
 
     def num_vit_layers(self) -> int:  # vLLM may build fewer (only up to the feature layer)
         return int(self.config.vision_config.num_hidden_layers)
-
-    def vit_attention(self, vit_layer: int | None) -> nn.Module:
-        h = self.feature_hidden_index(vit_layer)
-        if h == 0:
-            raise ValueError("vit_layer selects the patch embeddings, which have no attention; choose a layer >= 1")
-        if self.model is None:  # planning: the range check is all
-            return None  # type: ignore[return-value]
-        return self.vit_layers()[h - 1].self_attn
 
     def vit_depth(self, steps: list) -> int:
         """The deepest ViT layer the steps' signals read (vLLM builds the tower only up to the feature layer;
@@ -309,12 +315,90 @@ class VllmLlavaOnevision(VllmLlavaNext, LlavaOnevisionAdapter):
         return record
 
 
-class _VllmQwen(VllmAdapter):
-    """Qwen-VL as vLLM runs it: signals of the token sequence (the merger's output) only. vLLM's vision tower
-    differs from transformers' in its packing, so the ViT-side signals are refused at engine start rather than
-    computed approximately."""
+def _gather_layer(layer: nn.Module, w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The whole of a parallel linear's shard ``w`` (split along ``dim``); layers built with ``disable_tp`` (a
+    data-parallel ViT) hold all of it already."""
+    return (_gather_rows if dim == 0 else _gather_cols)(w) if getattr(layer, "tp_size", 1) > 1 else w
 
-    sources = frozenset({"sequence"})
+
+def _gather_heads(x: torch.Tensor) -> torch.Tensor:
+    """(n, H_local, d) -> (n, H, d): this rank's heads beside the others' (tensor-parallel ViT attention)."""
+    if _tp_world() == 1:
+        return x
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(x.contiguous(), dim=1)
+
+
+class _Scaled:
+    """The one attribute of a Qwen ViT attention the adapter's formulas read besides q / k."""
+
+    def __init__(self, scaling: float) -> None:
+        self.scaling = scaling
+
+
+class _VllmQwen(VllmAdapter):
+    """Qwen-VL as vLLM runs it. ViT signals read the rotated q / k at the input of each block's packed attention
+    kernel (vLLM's ``MMEncoderAttention``) with the segments it attends within (images, or Qwen2.5-VL's windows);
+    the merger's input is the patch features in the ViT's own order (Qwen2.5-VL's windows), as in transformers."""
+
+    sources = frozenset({"sequence", "vit_attention", "projector_input", "pixels"})
+    vit_attention_path = "attn.attn"  # the packed attention kernel: its inputs are the rotated q / k
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self._loaded().visual
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.vision_tower.merger
+
+    def vit_layers(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    def num_vit_layers(self) -> int:
+        return int(self.config.vision_config.depth)
+
+    def vit_heads(self, vit_layer: int | None) -> tuple[int, int]:
+        vc = self.config.vision_config
+        width = vc.embed_dim if hasattr(vc, "embed_dim") else vc.hidden_size  # Qwen2-VL names the ViT width embed_dim
+        return int(vc.num_heads), int(width) // int(vc.num_heads)
+
+    def vit_attention_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        q = kwargs["query"] if "query" in kwargs else args[0]  # (1, n, H_local, d), rotated
+        k = kwargs["key"] if "key" in kwargs else args[1]
+        cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[3]
+        if int(cu[-1]) != q.shape[1]:  # FlashInfer rescales the boundaries to element offsets (GPU only)
+            raise RuntimeError(f"vtprune: the ViT attention's cu_seqlens ends at {int(cu[-1])}, not at its "
+                               f"{q.shape[1]} patches; its attention backend is not supported for ViT signals")
+        return {"q": _gather_heads(q[0].detach()), "k": _gather_heads(k[0].detach()), "cu_seqlens": cu}
+
+    def _qk(self, attn: nn.Module, cap: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return cap["q"], cap["k"]
+
+    def received_attention(self, attn: nn.Module, cap: dict[str, Any], record: VisionRecord) -> torch.Tensor:
+        return super().received_attention(_Scaled(cap["q"].shape[-1] ** -0.5), cap, record)  # type: ignore[misc]
+
+    def projector_parts(self) -> ProjectorMLP | None:
+        if "parts" not in self._shims:  # Qwen2/2.5-VL: ln_q, mlp = [fc1, GELU, fc2]; Qwen3-VL: norm, fc1, act, fc2
+            m = self.projector
+            norm, (fc1, act, fc2) = (m.ln_q, tuple(m.mlp)) if hasattr(m, "ln_q") else \
+                (m.norm, (m.linear_fc1, m.act_fn, m.linear_fc2))
+            self._shims["parts"] = ProjectorMLP(
+                _Linear(_gather_layer(fc1, local_weight(fc1), 0),
+                        None if fc1.bias is None else _gather_layer(fc1, fc1.bias, 0)), act,
+                _Linear(_gather_layer(fc2, local_weight(fc2), 1), fc2.bias), norm)
+        return self._shims["parts"]
+
+    def projector_fn(self) -> Any:
+        from vtprune.adapters.qwen2_vl import MergerFn
+
+        parts, dv = self.projector_parts(), int(self.projector.hidden_size) // self.merge**2
+
+        def merger(x: torch.Tensor) -> torch.Tensor:  # (n * merge^2, Dv) patches -> (n, D) tokens
+            return parts.lin2(parts.act(parts.lin1(parts.norm(x).reshape(-1, dv * self.merge**2))))
+
+        return MergerFn(merger, dv, parts)  # type: ignore[arg-type]
 
     def record(self, grid_thw: torch.Tensor, modality: str = "image") -> VisionRecord:
         record = VisionRecord(modality=modality)
@@ -352,11 +436,24 @@ class VllmQwen3VL(_VllmQwen, Qwen3VLAdapter):
 class VllmInternVL(VllmAdapter, InternVLAdapter):
     """InternVL in the HF-native format (``InternVLForConditionalGeneration``, which vLLM runs as
     ``vllm/model_executor/models/interns1.py``): an image is its run of tiles (thumbnail included), one span.
-    Signals of the token sequence only: vLLM's InternViT is its own module, whose attention is not yet read."""
+    vLLM's InternViT mirrors transformers' module for module (plain ``q_proj`` / ``k_proj``, not tensor-parallel),
+    so the ViT signals are transformers' formulas on vLLM's modules, and its ``pixel_shuffle`` maps them to tokens."""
 
     family = "internvl"
     vllm_architectures = ("InternVLForConditionalGeneration",)
-    sources = frozenset({"sequence"})
+    vit_attention_path = "attention"
+
+    def num_vit_layers(self) -> int:
+        return int(self.config.vision_config.num_hidden_layers)
+
+    def rows_to_tokens(self, record: VisionRecord, rows: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        per_tile, (_, g) = super().rows_to_tokens(record, rows, kind), self._shape()
+        out, t = [], 0
+        for im in record.produced:  # this record's images are runs of tiles already
+            n = im.num_tokens // (g * g)
+            out.append(torch.cat(per_tile[t : t + n]))
+            t += n
+        return out
 
     def record(self, n_tiles: list[int], modality: str = "image") -> VisionRecord:
         """The layout of one encoder call's images, ``n_tiles[i]`` tiles each (the HF layout's tiles, joined); a

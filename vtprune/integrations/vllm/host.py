@@ -57,10 +57,11 @@ class VllmHost:
         feats = list(feats.unbind(0)) if torch.is_tensor(feats) else list(feats)
         out = self.select(record, feats)
         if self.record:
+            share = self.last_stats.overhead_ms / max(len(out), 1)  # the call's selection time, per image
             with open(self.record, "a") as f:
                 for c, im, (_, idx) in zip(_checksums(pixels, len(out)), record.images, out):
                     f.write(json.dumps({"checksum": c, "modality": record.modality, "tokens": im.num_tokens,
-                                        "kept": idx.tolist()}) + "\n")
+                                        "kept": idx.tolist(), "select_ms": round(share, 3)}) + "\n")
         return out
 
     def select(self, record: VisionRecord, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -76,3 +76,14 @@ def read_kept(path: str | os.PathLike, tokens: bool = False) -> list[tuple]:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [(r["checksum"], r["kept"], r["tokens"]) if tokens else (r["checksum"], r["kept"]) for r in rows]
+
+
+def read_selection_ms(path: str | os.PathLike) -> list[float]:
+    """Selection time (ms) of every image an engine configured with ``"record": path`` encoded, in encoding order
+    (an encoder call's time shared evenly by its images)."""
+    import json
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [float(json.loads(line)["select_ms"]) for line in f if line.strip()]
