@@ -94,15 +94,16 @@ def _check_coverage(cov: torch.Tensor, k: int, valid: torch.Tensor | None) -> to
 # --------------------------------------------------------------------------------------------- k-center
 
 
-def greedy_kcenter_ref(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
-    """Pure-torch :func:`greedy_kcenter` (the same update; cosines from a precomputed Gram when it fits)."""
+def greedy_kcenter_ref(x: torch.Tensor, k: int, first: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch :func:`greedy_kcenter` (the same update; cosines from a precomputed Gram when it fits, or from
+    the caller's ``gram``)."""
     _check_kcenter(x, k, first)
     S, N, _ = x.shape
     picks = torch.empty(S, k, dtype=torch.long, device=x.device)
     if k == 0:
         return picks
-    sim = _similarity_rows(normalize_rows(x))
     rows = torch.arange(S, device=x.device)
+    sim = _similarity_rows(normalize_rows(x)) if gram is None else (lambda j: gram[rows, j])
     picks[:, 0] = first
     mind = torch.full((S, N), float("inf"), device=x.device)  # distance to the nearest selected token
     for t in range(1, k):
@@ -114,20 +115,23 @@ def greedy_kcenter_ref(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Te
     return picks
 
 
-def greedy_kcenter(x: torch.Tensor, k: int, first: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def greedy_kcenter(x: torch.Tensor, k: int, first: torch.Tensor, *, backend: str = "auto",
+                   gram: torch.Tensor | None = None) -> torch.Tensor:
     """Farthest-point (max-min) greedy on cosine distance d(i, j) = 1 - cos(x_i, x_j).
 
     Args:
         x: (S, N, D) tokens of S independent spans, any float dtype.
         k: number of picks per span, 0 <= k <= N.
         first: (S,) int64 first pick of each span.
+        gram: optional (S, N, N) float32 cosines of ``x`` the caller has already computed (the torch path reads
+            them instead of computing its own; the Triton path computes on the fly either way).
 
     Returns:
         (S, k) int64 picks in selection order: ``picks[:, 0] = first``; each next pick maximises the
         distance to its nearest already selected token.
     """
     if resolve_backend(backend, x.device) == "torch":
-        return greedy_kcenter_ref(x, k, first)
+        return greedy_kcenter_ref(x, k, first, gram)
     return load_triton_module("greedy_triton").greedy_kcenter_triton(x, k, first)
 
 

@@ -43,42 +43,54 @@ import torch.nn.functional as F
 import dataclasses
 
 from vtprune.kernels import greedy_kcenter
+from vtprune.kernels.greedy import DENSE_MAX
 from vtprune.methods.base import LayerSpec, Method, Selection
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
 
 
+def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
+    """(S, N, D) -> (S, N, N) pairwise cos, in float32."""
+    xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
+    return xn @ xn.transpose(1, 2)  # (S, N, N)
+
+
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """(S, N, D) -> (S, N, N) pairwise 1 - cos, in float32."""
-    xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
-    return 1.0 - xn @ xn.transpose(1, 2)  # (S, N, N)
+    return 1.0 - cosine_similarity(x)
 
 
 def divprune(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune selection on (S, N, D) tokens -> (S, k) indices in pick order."""
-    dist = cosine_distance(x)  # (S, N, N)
-    N = dist.shape[-1]
+    gram = cosine_similarity(x)  # (S, N, N)
+    N = gram.shape[-1]
     if N == 1:
-        return torch.zeros(dist.shape[0], k, dtype=torch.long, device=dist.device)
+        return torch.zeros(gram.shape[0], k, dtype=torch.long, device=gram.device)
     # First pick: the largest nearest-neighbour distance (2nd smallest of each column; the smallest is self).
-    nn_dist = dist.topk(2, dim=1, largest=False).values[:, 1, :]  # (S, N)
+    nn_dist = (1.0 - gram).topk(2, dim=1, largest=False).values[:, 1, :]  # (S, N)
     first = nn_dist.argmax(dim=-1)  # (S,)
-    return greedy_kcenter(x, k, first)  # fused steps, distances on the fly (vtprune.kernels)
+    # the steps: the torch path reads this Gram's rows (no second N x N product), Triton fuses them on the fly
+    return greedy_kcenter(x, k, first, gram=gram)
 
 
 def max_sum_diverse(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
     """ToDRE v2: from pivot ``first`` (S,), repeatedly add the token with the least cumulative cosine
     similarity to the selected set -> (S, k) picks."""
-    xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
     S, N = x.shape[:2]
     rows = torch.arange(S, device=x.device)
+    if S * N * N <= DENSE_MAX:  # one N x N product, then a row per step (k mat-vecs cost more on a CPU)
+        gram = cosine_similarity(x)  # (S, N, N)
+        sim = lambda j: gram[rows, j]  # noqa: E731
+    else:
+        xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
+        sim = lambda j: (xn @ xn[rows, j][..., None])[..., 0]  # noqa: E731
     taken = torch.zeros(S, N, dtype=torch.bool, device=x.device)
     acc = torch.zeros(S, N, device=x.device)  # cumulative similarity to the selected set
     picks, nxt = [], first
     for _ in range(k):
         picks.append(nxt)
         taken[rows, nxt] = True
-        acc = acc + (xn @ xn[rows, nxt][..., None])[..., 0]
+        acc = acc + sim(nxt)
         nxt = acc.masked_fill(taken, torch.inf).argmin(-1)  # first index on ties
     return torch.stack(picks, 1)
 
