@@ -4,7 +4,8 @@ Each is the Hugging Face adapter of the family (its token layout, its ViT signal
 structure) with the module accessors pointed at vLLM's modules. Built from the model config alone (planning
 at engine start, kept counts in the prompt processor) or from the loaded model (the worker). Tensor
 parallelism: every rank holds the whole projector output and vision features (after the layers' all-reduce),
-and the q / k weights a ViT signal needs are gathered once, so every rank selects the same tokens.
+the q / k weights a LLaVA ViT signal needs and the projector / merger weights are gathered once, and Qwen's rotated
+q / k heads at each call, so every rank selects the same tokens.
 """
 
 from __future__ import annotations
