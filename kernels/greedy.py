@@ -35,7 +35,7 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def _similarity_rows(xn: torch.Tensor):
+def similarity_rows(xn: torch.Tensor):
     """``rows(j) -> (S, N)`` cosine of every token with token j[s] of each span: a precomputed Gram when it
     fits DENSE_MAX, one batched mat-vec per call otherwise (the streaming form the Triton kernels use)."""
     S, N, _ = xn.shape
@@ -103,7 +103,7 @@ def greedy_kcenter_ref(x: torch.Tensor, k: int, first: torch.Tensor, gram: torch
     if k == 0:
         return picks
     rows = torch.arange(S, device=x.device)
-    sim = _similarity_rows(normalize_rows(x)) if gram is None else (lambda j: gram[rows, j])
+    sim = similarity_rows(normalize_rows(x)) if gram is None else (lambda j: gram[rows, j])
     picks[:, 0] = first
     mind = torch.full((S, N), float("inf"), device=x.device)  # distance to the nearest selected token
     for t in range(1, k):
@@ -145,7 +145,7 @@ def greedy_mmr_ref(x: torch.Tensor, importance: torch.Tensor, k: int, lam: float
     picks = torch.empty(S, k, dtype=torch.long, device=x.device)
     if k == 0:
         return picks
-    sim_rows = _similarity_rows(normalize_rows(x))
+    sim_rows = similarity_rows(normalize_rows(x))
     imp = importance.float()  # (S, N)
     rows = torch.arange(S, device=x.device)
     picks[:, 0] = imp.argmax(-1)

@@ -38,12 +38,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import dataclasses
 
 from vtprune.kernels import greedy_kcenter
-from vtprune.kernels.greedy import DENSE_MAX
+from vtprune.kernels.greedy import normalize_rows, similarity_rows
 from vtprune.methods.base import LayerSpec, Method, Selection
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
@@ -51,7 +50,7 @@ from vtprune.registry import METHODS
 
 def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
     """(S, N, D) -> (S, N, N) pairwise cos, in float32."""
-    xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
+    xn = normalize_rows(x)  # (S, N, D)
     return xn @ xn.transpose(1, 2)  # (S, N, N)
 
 
@@ -78,12 +77,7 @@ def max_sum_diverse(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tenso
     similarity to the selected set -> (S, k) picks."""
     S, N = x.shape[:2]
     rows = torch.arange(S, device=x.device)
-    if S * N * N <= DENSE_MAX:  # one N x N product, then a row per step (k mat-vecs cost more on a CPU)
-        gram = cosine_similarity(x)  # (S, N, N)
-        sim = lambda j: gram[rows, j]  # noqa: E731
-    else:
-        xn = F.normalize(x.float(), dim=-1)  # (S, N, D)
-        sim = lambda j: (xn @ xn[rows, j][..., None])[..., 0]  # noqa: E731
+    sim = similarity_rows(normalize_rows(x))  # j -> (S, N) cosines: a Gram's rows when it fits, else mat-vecs
     taken = torch.zeros(S, N, dtype=torch.bool, device=x.device)
     acc = torch.zeros(S, N, device=x.device)  # cumulative similarity to the selected set
     picks, nxt = [], first
