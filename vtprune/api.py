@@ -217,7 +217,8 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
     if missing:
         raise ValueError(f"method {m.name!r} needs signal(s) {missing} that the {family} adapter cannot supply")
     if required & {"cls_attention", "vit_keys", "received_attention", "vit_cls"}:
-        adapter.vit_attention(getattr(m, "vit_layer", None))  # raises if vit_layer is out of range
+        for vl in m.vit_layers_read(adapter.num_vit_layers(), adapter.has_cls):
+            adapter.vit_attention(vl)  # raises if a ViT layer is out of range
     if "text_attention" in required and m.layers and min(m.layers) < 1:
         raise ValueError(f"method {m.name!r} scores with layer K-1, so layer must be >= 1")
     if any(SIGNAL_TABLE[s].source == "decoder_attention" for s in required):

@@ -66,6 +66,7 @@ SIGNAL_TABLE: dict[str, SignalSpec] = {
     "projector": SignalSpec("the projector as a callable"),
     "grid": SignalSpec("(group, row, col) of each candidate in its image / frame grid"),
     "prompt_positions": SignalSpec("index of each candidate in its unpadded prompt"),
+    "vit_depth": SignalSpec("number of layers of the vision tower (what depth-relative ViT layer defaults read)"),
 }
 assert all(spec.source in SOURCES for spec in SIGNAL_TABLE.values())
 
@@ -313,6 +314,11 @@ class Signals:
     def projector(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model's projector: (..., Dv) vision features -> (..., D) LLM embeddings."""
         return self._get("projector")
+
+    @cached_property
+    def vit_depth(self) -> int:
+        """Layers of the model's vision tower (hidden-states indices run 0..vit_depth)."""
+        return int(self._get("vit_depth"))
 
     @cached_property
     def grid(self) -> torch.Tensor:

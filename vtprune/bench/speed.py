@@ -52,6 +52,7 @@ BENCH_METHODS: list[tuple[str, dict]] = [
     ("kcenter", {"variant": "todre"}), ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}),
     ("fastv", {}), ("entropy", {}), ("dart", {}), ("transition", {}),
     ("debiased_attention", {"coef": (0.0,)}),  # a fixed flat trend: costs what a fitted one does, needs no calibration
+    ("vispruner", {}), ("hiprune", {}), ("holov", {}), ("cdpruner", {}), ("vscan", {}), ("pdrop", {}),
 ]
 BUDGETS = (192, 128, 64)
 
@@ -123,6 +124,14 @@ class Bench:
         real_depth, proxy_depth = self.proxy.text_layers, self.proxy.proxy_text_layers
         method = vtprune.method(name, **options)
         real = method.resolve(real_depth)
+        if name == "vscan" and real.drop_at(real_depth) is not None:  # stage 1 + its drop step (expand())
+            from vtprune.methods.vscan import stage_counts
+
+            K = real.drop_at(real_depth)
+            t1, t2 = stage_counts(Budget(keep=budget).count(self.n_visual), self.n_visual, real_depth, K)
+            steps = [dataclasses.replace(real, drop_layer=None, keep=t1),
+                     vtprune.method("vscan_drop", layer=1, keep=t2)]
+            return steps, [t1] * K + [t2] * (real_depth - K), t2
         real_layers = [k for k in real.layers if k > 0]
         b, n0 = Budget(keep=budget), self.n_visual
         counts, n = [], n0
@@ -147,6 +156,10 @@ class Bench:
             budget_override = None
         if name == "transition":
             opts["accumulate"] = (0,)
+        if name == "pdrop":  # its lam is solved for the real depth: fix it, so proxy layers keep the real counts
+            from vtprune.methods.pyramid_drop import solve_lam
+
+            opts["lam"] = real.lam or solve_lam(b.count(n0), real.layers, real_depth, n0)
         fields = {f.name for f in dataclasses.fields(real)}
         method = dataclasses.replace(real, **{k: v for k, v in opts.items() if k in fields})
         if budget_override is not None:

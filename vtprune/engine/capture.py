@@ -31,7 +31,8 @@ def capture_points(adapter: Adapter, steps: list[Step]) -> dict[Point, Any]:
         for name in m.required_signals(adapter.has_cls):
             source = SIGNAL_TABLE[name].source
             if source in ("vit_attention", "vit_output"):
-                points[(source, adapter.feature_hidden_index(getattr(m, "vit_layer", None)))] = None
+                for vl in m.vit_layers_read(adapter.num_vit_layers(), adapter.has_cls):
+                    points[(source, adapter.feature_hidden_index(vl))] = None
             elif source in ("projector_input", "pixels"):
                 points[(source, -1)] = None
             elif source in ("decoder_attention", "decoder_input") and step.layer is not None:

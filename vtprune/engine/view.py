@@ -63,6 +63,9 @@ class StageView:
     def _sig_projected(self, sig: Signals) -> torch.Tensor:
         return self.fwd.projected[sig.rows[:, None], self._orig_of(sig)]
 
+    def _sig_vit_depth(self, sig: Signals) -> int:
+        return int(self.adapter.num_vit_layers())
+
     def _sig_grid(self, sig: Signals) -> torch.Tensor:
         return self.fwd.layout.grid[sig.rows[:, None], self._orig_of(sig)]
 

@@ -50,6 +50,9 @@ class Method:
     scored_at_previous_layer: ClassVar[bool] = False  # reads layer K-1, so K >= 1
     gate: ClassVar[bool] = False  # select() runs even when the budget keeps everything (may drop spans)
     version: ClassVar[int] = 1
+    # layer=None on an in-LLM method: this reference schedule, scaled to the model's depth by resolve() (validated
+    # as given here)
+    reference_layers: ClassVar[tuple[int, ...]] = ()
 
     ratio: float | None = None
     keep: int | None = None
@@ -63,7 +66,7 @@ class Method:
             check_ratio(self.ratio, owner=owner)
         if self.keep is not None:
             check_keep(self.keep, owner=owner)
-        layers = self.layers
+        layers = self.layers if self.layer is not None else self.reference_layers
         if isinstance(self.layer, list):  # from JSON
             object.__setattr__(self, "layer", tuple(self.layer))
         for k in layers:
@@ -87,6 +90,11 @@ class Method:
     def required_signals(self, has_cls: bool) -> frozenset[str]:
         """The signals this configuration reads on a tower with / without [CLS] (default: ``requires``)."""
         return self.requires
+
+    def vit_layers_read(self, vit_depth: int, has_cls: bool) -> tuple[int | None, ...]:
+        """The ViT layers (hidden-states indices; None = the feature layer) whose attention / output signals this
+        configuration reads on a ``vit_depth``-layer tower: what the hosts capture. Default: ``vit_layer``."""
+        return (getattr(self, "vit_layer", None),)
 
     def transition_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layers whose sub-layers the ``transition`` signal accumulates :meth:`sublayer_statistic` over."""

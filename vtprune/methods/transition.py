@@ -58,19 +58,12 @@ class TransPrune(ScoreMethod):
     stage = "layer"
     pre_llm_ok = False
     requires = frozenset({"transition", "text_attention"})
+    reference_layers = REF_LAYERS
 
     layer: LayerSpec = None  # None: (7, 9, 12) scaled to the model's depth
     fractions: tuple[float, ...] = REF_FRACTIONS  # kept share of the ORIGINAL image tokens per stage
     accumulate: tuple[int, ...] | None = None  # None: 6 .. last pruning layer - 1, scaled
     direction: str = "cos"
-
-    def __post_init__(self) -> None:
-        if self.layer is None:  # resolved per model in resolve(); validate the rest now
-            object.__setattr__(self, "layer", REF_LAYERS)
-            super().__post_init__()
-            object.__setattr__(self, "layer", None)
-            return
-        super().__post_init__()
 
     def validate(self) -> None:
         if self.direction not in ("cos", "abs"):
