@@ -50,6 +50,8 @@ METHOD_CASES = [
     MethodCase("zeroth_order", vtprune.method("zeroth_order", m=8), {"ratio": 0.5}),
     MethodCase("visionzip", "visionzip", {"keep": 6}, merges=True),
     MethodCase("vscan", "vscan", {"ratio": 0.5}, merges=True),  # + its stage 2 (vscan_drop) at L / 2
+    MethodCase("sparsevlm", vtprune.method("sparsevlm", layer=(1, 2)), {"ratio": 0.5}, merges=True),  # recycles
+    MethodCase("sparsevlm-no-recycling", vtprune.method("sparsevlm", layer=(1, 2), recycle=False), {"ratio": 0.5}),
     MethodCase("dart", vtprune.method("dart", pivots=2, text_pivots=2), {"keep": 6, "layer": 1}),
     MethodCase("transition", vtprune.method("transition", layer=(1, 2), fractions=(0.75, 0.5)), {"ratio": 0.5}),
     MethodCase("debiased", vtprune.method("debiased_attention", layer=1, coef=(-1.0,), sink=1.2), {"ratio": 0.5}),

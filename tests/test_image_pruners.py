@@ -3,11 +3,15 @@ official selection loops (written from the reference's description, not from vtp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
 import vtprune
 from cases import ROWS
+from vtprune.methods.base import Method
 from vtprune.methods.hiprune import anchor_count, flat_neighbours
 from vtprune.methods.holov import HoloV, allocate, crop_bounds, crop_score
 from vtprune.methods.pyramid_drop import average_tokens, solve_lam
@@ -157,18 +161,21 @@ def test_pdrop_first_stage_keeps_the_last_tokens_top_attention_of_its_own_layer(
     model = build("llava", "eager")
     inputs = make_inputs(model, ROWS[:1])
     n_layers = model.config.text_config.num_hidden_layers
-    with vtprune.prune(model, vtprune.method("pdrop", layer=(1, 2)), ratio=0.5) as h:
+    with vtprune.prune(model, vtprune.method("pdrop", layer=(1, 2)), keep=8) as h:  # of 16: an average of 8
         with torch.no_grad():
             model(**inputs)
     with torch.no_grad():
         att = model(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(0)
     img = (inputs["input_ids"][0] == IMAGE).nonzero()[:, 0]
     n0 = img.numel()
-    lam = solve_lam(round(0.5 * n0), (1, 2), n_layers, n0)
+    assert n0 == 16
+    lam = solve_lam(8, (1, 2), n_layers, n0)
     expected = img[att[img].topk(int(n0 * lam + 1e-6)).indices].sort().values
     kept = h.stats.positions_by_layer[1][0]
     assert torch.equal(kept[torch.isin(kept, img)], expected)
     assert abs(h.stats.mean_visual_per_layer[0] - 0.5 * n0) <= 1  # the budget is the per-layer average
+    # the second stage keeps fewer tokens than the budget's 8: it still runs (schedules go below k)
+    assert [st.after[0] for st in h.stats.stages] == [int(n0 * lam + 1e-6), int(n0 * lam**2 + 1e-6)]
 
 
 # ------------------------------------------------------------------------------------------------------ CDPruner
@@ -298,3 +305,88 @@ def test_vscan_stage1_in_a_model_matches_a_reference_fed_the_merged_embeddings()
         kept_pos = stats.kept_positions[b]
         real = inputs["attention_mask"][b, kept_pos].bool()
         torch.testing.assert_close(rows[real], ref[b, kept_pos][real], atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- SparseVLM
+def test_sparsevlm_stage_counts_are_the_released_lists_plus_clusters():
+    from vtprune.methods.sparsevlm import split
+
+    m = vtprune.method("sparsevlm").resolve(32)
+    assert m.layers == (3, 7, 16)  # after layers 2, 6, 15
+    budget, n, fed = vtprune.budget.Budget(keep=64), 576, []
+    for layer in m.layers:
+        n = m.keep_count(budget, n, 576, 32, layer)
+        fed.append(n)
+    assert fed == [82, 32, 18]  # [66, 30, 17] + 16 / 2 / 1 clusters (the reference's own log: 64.8 tokens)
+    assert split(576, 82) == (66, 16) and split(82, 32) == (30, 2)
+    assert vtprune.method("sparsevlm", recycle=False).resolve(32).keep_count(budget, 576, 576, 32, 3) == 66
+
+
+def test_sparsevlm_raters_and_dpc_clusters_on_planted_inputs():
+    from vtprune.methods.sparsevlm import dpc_knn, raters
+
+    v = torch.zeros(1, 4, 3)
+    v[0, :, 0] = 5.0  # every visual token aligns with text token 0
+    t = torch.eye(3)[None]
+    assert raters(v, t, torch.ones(1, 3, dtype=torch.bool)).tolist() == [[True, False, False]]
+    torch.manual_seed(0)
+    centres3 = torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]])
+    x = centres3[torch.arange(30) % 3] + 0.1 * torch.randn(30, 3)
+    centres, assign = dpc_knn(x, 3)
+    assert sorted((centres % 3).tolist()) == [0, 1, 2]  # one centre per planted cluster
+    assert all(int(centres[assign[i]]) % 3 == i % 3 for i in range(30))  # every token joins its own cluster
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowProbe(Method):
+    """Keeps the first k candidates and records the per-instruction-token attention rows it is given."""
+
+    name: ClassVar[str] = "row_probe"
+    stage: ClassVar[str] = "layer"
+    requires: ClassVar[frozenset[str]] = frozenset({"text_attention_rows", "instruction"})
+    seen: ClassVar[list] = []
+
+    def select(self, sig, k):
+        RowProbe.seen.append((sig.rows, sig.positions, sig.text_attention_rows, sig.instruction[1]))
+        return torch.arange(k).expand(sig.num_spans, k)
+
+
+def test_sparsevlm_text_attention_rows_equal_eager_attention():
+    """The per-instruction-token rows of layer K-1 against eager attention maps (which vtprune never requests)."""
+    model = build("llava", "eager")
+    inputs = make_inputs(model, ROWS)  # left-padded, rows of different lengths
+    with vtprune.prune(model, RowProbe(layer=2), ratio=0.5):
+        with torch.no_grad():
+            model(**inputs)
+    rows, positions, got, mask = RowProbe.seen[0]
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[1].mean(1)  # (B, L, L) layer K-1, head mean
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    for s, b in enumerate(rows.tolist()):
+        last_img = int((ids[b] == IMAGE).nonzero().max())
+        q = [i for i in range(last_img + 1, ids.shape[1]) if am[b, i]]
+        torch.testing.assert_close(got[s][: len(q)], att[b][q][:, positions[s]], atol=1e-6, rtol=1e-5)
+        assert int(mask[s].sum()) == len(q) and not got[s][len(q):].any()
+
+
+def test_sparsevlm_first_stage_keeps_the_raters_top_attention():
+    model = build("llava", "eager")
+    inputs = make_inputs(model, ROWS[:1])
+    method = vtprune.method("sparsevlm", layer=(2,), recycle=False)
+    with vtprune.prune(model, method, keep=12) as h:  # the last list entry scaled: 17 x 12 / 64 -> 3
+        with torch.no_grad():
+            model(**inputs)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+        att = out.attentions[1].mean(1)[0]  # (L, L)
+        emb = model.get_input_embeddings()(inputs["input_ids"])[0]
+        img = (inputs["input_ids"][0] == IMAGE).nonzero()[:, 0]
+        emb[img] = torch.cat(model.model.get_image_features(inputs["pixel_values"]).pooler_output)
+    text = torch.arange(int(img.max()) + 1, inputs["input_ids"].shape[1])
+    m = (emb[img] @ emb[text].T).softmax(-1).mean(0)
+    rater = text[m > m.mean()]
+    score = att[rater][:, img].mean(0)
+    k = 3
+    expected = img[score.topk(k).indices].sort().values
+    kept = h.stats.positions_by_layer[2][0]
+    assert torch.equal(kept[torch.isin(kept, img)], expected)

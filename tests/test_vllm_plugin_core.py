@@ -51,6 +51,8 @@ def test_configs_that_start(raw, llava_config):
     ({"method": "fastv:layer=2", "keep": 64}, "inside the LLM"),
     ({"method": "dart", "keep": 64}, "inside the LLM"),
     ({"method": "coverage", "keep": 64}, "prompt's text"),
+    ({"method": "vscan", "keep": 64}, "adds an in-LLM step \\(vscan_drop\\)"),
+    ({"method": "cdpruner", "keep": 64}, "prompt's text"),
     ({"method": "kcenter", "keep": 64, "positions": "shifted"}, "positions"),
     ({"method": "random", "seed": -1, "keep": 64}, "seed"),
     ({"method": "cls_attention", "vit_layer": 9, "keep": 64}, "vit_layer=9"),
@@ -109,7 +111,8 @@ def test_internvl_plans_vision_tower_methods_and_joins_tiles_per_image():
     adapter = family_for(config, "InternVLForConditionalGeneration")
     for raw in ({"method": "kcenter", "keep": 16}, {"method": "pool", "ratio": 0.75, "positions": "compact"}):
         assert steps_for(PluginConfig.parse(raw), adapter)
-    for method in ("cls_attention", "visionzip", "zeroth_order", "mmr", "kcenter:variant=todre"):
+    for method in ("cls_attention", "visionzip", "zeroth_order", "mmr", "kcenter:variant=todre", "vispruner",
+                   "hiprune", "holov", "vscan:drop_layer=None"):
         assert steps_for(PluginConfig.parse({"method": method, "keep": 16}), adapter)
     with pytest.raises(ValueError, match="out of range"):
         steps_for(PluginConfig.parse({"method": "cls_attention", "keep": 16, "vit_layer": 5}), adapter)
@@ -122,7 +125,8 @@ def test_internvl_plans_vision_tower_methods_and_joins_tiles_per_image():
 def test_qwen_plans_vision_tower_methods_and_refuses_compact(family, qwen):
     config = qwen.config if family == "qwen2_5_vl" else tiny.build(family).config
     adapter = family_for(config, type(config).__name__.replace("Config", "ForConditionalGeneration"))
-    for method in ("kcenter", "zeroth_order", "visionzip", "mmr", "cls_attention", "kcenter:variant=todre"):
+    for method in ("kcenter", "zeroth_order", "visionzip", "mmr", "cls_attention", "kcenter:variant=todre",
+                   "vispruner", "hiprune", "holov", "vscan:drop_layer=None"):
         assert steps_for(PluginConfig.parse({"method": method, "keep": 16}), adapter)
     with pytest.raises(ValueError, match="out of range"):
         steps_for(PluginConfig.parse({"method": "visionzip", "keep": 16, "vit_layer": 9}), adapter)

@@ -51,6 +51,8 @@ SIGNAL_TABLE: dict[str, SignalSpec] = {
     "instruction": SignalSpec("embeddings of the text tokens that follow the visual tokens"),
     "text_attention": SignalSpec("attention of text queries to each candidate at decoder layer K-1",
                                  "decoder_attention"),
+    "text_attention_rows": SignalSpec("attention of each instruction token to each candidate at decoder layer K-1",
+                                      "decoder_attention"),
     "hidden_prev": SignalSpec("input of decoder layer K-1 at each candidate", "decoder_input"),
     "prev_queries": SignalSpec("post-RoPE queries of decoder layer K-1 at each candidate", "decoder_attention"),
     "prev_keys": SignalSpec("post-RoPE keys of decoder layer K-1 (candidates, or the text after the span)",
@@ -279,6 +281,12 @@ class Signals:
         ``per_head=True``. Never builds the full L x L map: only the query rows are computed.
         """
         return self._get("text_attention", query=query, per_head=per_head, layer=layer)
+
+    @cached_property
+    def text_attention_rows(self) -> torch.Tensor:
+        """(S, T, N) attention of each instruction token (the ``instruction`` signal's T tokens, in its order; rows of
+        padded tokens are zero) to each candidate at decoder layer K-1, head mean, softmax over the row's keys."""
+        return self._get("text_attention_rows")
 
     @cached_property
     def prev_queries(self) -> torch.Tensor:

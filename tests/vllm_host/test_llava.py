@@ -28,7 +28,16 @@ KEEP = 64
 N_KEPT, N_ANSWERS = 20, 100
 # every method the vLLM host runs on LLaVA (vision / input stage, no prompt text), as "name:options"
 METHODS = ["random", "pool", "cls_attention", "kcenter", "kcenter:variant=todre", "mmr",
-           "zeroth_order", "visionzip"]
+           "zeroth_order", "visionzip", "vispruner", "hiprune", "holov", "vscan:drop_layer=None"]
+# VisPruner's duplicate-removal rounds re-split a list whose order follows [CLS] attention and max cosines: one
+# near-tie resolved the other way (the hosts' features differ by ~1e-6, adjacent attention values by 1e-5 relative)
+# permutes every later round, so its diverse half is not reproducible across hosts at float32 rounding (transformers
+# against itself with 1e-6 relative noise on the features: 38-49 of 64 tokens shared on these flat-background scenes,
+# the 32 important ones always); checked: the mean overlap of the kept sets, and the answers (1 of 100 differs here)
+MIN_OVERLAP = {"vispruner": 0.6}
+ANSWER_MISMATCHES = {"vispruner": 2}
+# merging: a patch whose two most similar kept tokens are ulp-apart joins either, moving a merged value slightly
+LOGPROB_TOL = {"vscan:drop_layer=None": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +120,11 @@ def test_same_kept_tokens_and_logprobs_as_hf(run, hf, samples):
     by_sum = {}
     for checksum, idx in kept:
         by_sum.setdefault(round(checksum, 3), []).append(idx)
+    if spec in MIN_OVERLAP:
+        shared = [len(set(by_sum[round(c, 3)][0]) & set(idx)) / KEEP for c, idx, *_ in ref]
+        assert all(len(by_sum[round(c, 3)][0]) == KEEP for c, *_ in ref)
+        assert sum(shared) / len(shared) >= MIN_OVERLAP[spec], f"{spec}: kept sets overlap {sum(shared) / len(shared)}"
+        return
     for i, (checksum, idx, tok, lp, tokens) in enumerate(ref):
         got = by_sum.get(round(checksum, 3))
         assert got, f"{spec}: sample {i}'s image was not encoded by vLLM"
@@ -120,7 +134,7 @@ def test_same_kept_tokens_and_logprobs_as_hf(run, hf, samples):
         o = outs[i].outputs[0]
         assert o.token_ids[0] == tok, f"{spec}: sample {i} greedy token {o.token_ids[0]} != transformers' {tok}"
         if sorted(got[0]) == sorted(idx):  # the same tokens at the same positions: the same first-token log-prob
-            assert math.isclose(o.logprobs[0][tok].logprob, lp, abs_tol=1e-4), \
+            assert math.isclose(o.logprobs[0][tok].logprob, lp, abs_tol=LOGPROB_TOL.get(spec, 1e-4)), \
                 f"{spec}: sample {i} log-prob {o.logprobs[0][tok].logprob} vs transformers' {lp}"
     exact = sum(sorted(by_sum[round(c, 3)][0]) == sorted(idx) for c, idx, *_ in ref)
     assert exact >= 0.75 * len(ref), f"{spec}: only {exact} of {len(ref)} images kept exactly transformers' tokens"
@@ -139,4 +153,5 @@ def test_same_answers_as_hf(run, hf, samples):
             ref += predict(model, processor, samples[i:i + 25])
     got = offline.first_words(outs)
     diff = [i for i, (a, b) in enumerate(zip(got, ref)) if a != b]
-    assert not diff, f"{spec}: {len(diff)} of {len(samples)} greedy answers differ from transformers, e.g. {diff[:5]}"
+    assert len(diff) <= ANSWER_MISMATCHES.get(spec, 0), \
+        f"{spec}: {len(diff)} of {len(samples)} greedy answers differ from transformers, e.g. {diff[:5]}"

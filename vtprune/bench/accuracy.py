@@ -28,7 +28,7 @@ ACC_METHODS: list[tuple[str, dict]] = [
     ("random", {}), ("pool", {}), ("cls_attention", {}), ("kcenter", {}), ("kcenter", {"variant": "todre"}),
     ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}), ("fastv", {}),
     ("entropy", {"budget_mode": "direct"}), ("dart", {}), ("transition", {}), ("debiased_attention", {}),
-    ("vispruner", {}), ("hiprune", {}), ("holov", {}), ("cdpruner", {}), ("vscan", {}),
+    ("vispruner", {}), ("hiprune", {}), ("holov", {}), ("cdpruner", {}), ("vscan", {}), ("sparsevlm", {}),
     ("pdrop", {"budget_mode": "last"}),
     ("random", {"layer": 2}),  # the chance reference for in-LLM methods: layers < 2 see every token
 ]

@@ -52,7 +52,8 @@ BENCH_METHODS: list[tuple[str, dict]] = [
     ("kcenter", {"variant": "todre"}), ("mmr", {}), ("coverage", {}), ("zeroth_order", {}), ("visionzip", {}),
     ("fastv", {}), ("entropy", {}), ("dart", {}), ("transition", {}),
     ("debiased_attention", {"coef": (0.0,)}),  # a fixed flat trend: costs what a fitted one does, needs no calibration
-    ("vispruner", {}), ("hiprune", {}), ("holov", {}), ("cdpruner", {}), ("vscan", {}), ("pdrop", {}),
+    ("vispruner", {}), ("hiprune", {}), ("holov", {}), ("cdpruner", {}), ("vscan", {}), ("sparsevlm", {}),
+    ("pdrop", {}),
 ]
 BUDGETS = (192, 128, 64)
 
@@ -136,7 +137,7 @@ class Bench:
         b, n0 = Budget(keep=budget), self.n_visual
         counts, n = [], n0
         for K in real_layers or [None]:
-            n = n if b.count(n) >= n else min(n, real.keep_count(b, n, n0, real_depth, K))
+            n = n if b.count(n0) >= n0 else min(n, real.keep_count(b, n, n0, real_depth, K))
             counts.append(n)
         if not real_layers:  # before the LLM: every layer sees the kept tokens
             return method, [counts[0]] * real_depth, counts[0]

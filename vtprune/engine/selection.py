@@ -65,9 +65,10 @@ def select(step: Step, c: Candidates, source: SignalSource, num_layers: int, *, 
     keep = c.valid & ~c.cand  # text, structural tokens, the caller's padding
     before = c.cand.sum(1).tolist()
     per_frame = budget.policy in ("per_frame", "temporal")
-    ks = [n if budget.count(n) >= n else min(n, method.keep_count(budget, n, int(c.span_size[s]), num_layers,
-                                                                     step.layer))
-          for n, s in zip(counts_l, span_l)]  # a budget keeping the whole span keeps it, whatever the method
+    # a budget keeping the whole span (as the prompt had it) keeps it, whatever the method; otherwise the method
+    # counts, also below the budget (schedules: PyramidDrop's later stages keep fewer than k)
+    ks = [n if budget.count(n0) >= n0 else min(n, method.keep_count(budget, n, n0, num_layers, step.layer))
+          for n, n0 in ((n, int(c.span_size[s])) for n, s in zip(counts_l, span_l))]
     ordinals, seen = [], {}
     for r in rows_l:  # index of each span among the spans of its row (stable under batching)
         ordinals.append(seen.get(r, 0))

@@ -180,6 +180,25 @@ class StageView:
         return attention_rows(q, k.to(q.dtype), scale=attn.scaling, key_valid=attend, query_pos=q_idx,
                               query_weight=q_ok.float(), reduce="none" if per_head else "mean")
 
+    def _sig_text_attention_rows(self, sig: Signals) -> torch.Tensor:
+        key = ("text_attention_rows", self.step.layer)
+        if key not in self.fwd.cache:
+            ctx = self._attn_ctx("prev")
+            attn, x, cos, sin, attend = ctx["attn"], ctx["x"], ctx["cos"], ctx["sin"], ctx["attend"]
+            q_idx, q_ok = self._text_rows(ctx, "instruction")  # (B, T)
+            q = self._project(attn, take(x, q_idx), take(cos, q_idx), take(sin, q_idx), key=False)  # (B, H, T, d)
+            k = self._ctx_keys(ctx).to(q.dtype)  # (B, Hkv, Lc, d)
+            self.fwd.cache[key] = torch.stack([  # one query row at a time: (B, Lc) each, never an L x L map
+                attention_rows(q[:, :, t : t + 1], k, scale=attn.scaling, key_valid=attend,
+                               query_pos=q_idx[:, t : t + 1], query_weight=q_ok[:, t : t + 1].float())
+                for t in range(q_idx.shape[1])], 1), q_ok  # (B, T, Lc), (B, T)
+        rows, q_ok = self.fwd.cache[key]
+        rows = rows.to(sig.device)
+        slots = self._captured(sig)  # (S, N)
+        # the `instruction` signal's width for these rows (valid tokens first, in order, in both)
+        t = torch.arange(max(int(q_ok[sig.rows.to(q_ok.device)].sum(1).max()), 1), device=sig.device)
+        return rows[sig.rows[:, None, None], t[None, :, None], slots[:, None, :]]  # (S, T, N)
+
     def _sig_prev_queries(self, sig: Signals) -> torch.Tensor:
         ctx = self._attn_ctx("prev")
         slots = ctx["slots"](sig)  # (S, N)

@@ -113,6 +113,12 @@ def steps_for(cfg: PluginConfig, adapter: VllmAdapter) -> list[Step]:
             raise ValueError(f"vtprune: method {m.name!r} acts inside the LLM (its stage is 'layer'), which the vLLM "
                              "plugin does not do (see docs/vllm.md); use a vision or input stage method: "
                              f"{', '.join(sorted(vision_methods()))}")
+        depth = int(getattr(adapter.config.get_text_config(), "num_hidden_layers", 32))
+        inner = [s.name for s in m.resolve(depth).expand(depth) if s.layers]
+        if inner:
+            raise ValueError(f"vtprune: method {m.name!r} adds an in-LLM step ({', '.join(inner)}), which the vLLM "
+                             "plugin does not do (see docs/vllm.md); configure it without that step (e.g. vscan's "
+                             "drop_layer=None, kcenter's drop_layer=None)")
         needs = m.required_signals(adapter.has_cls)
         text = sorted(needs & PROMPT_SIGNALS)
         if text:
@@ -143,8 +149,7 @@ def kept_count(steps: list[Step], n: int, num_layers: int) -> int:
     method counting differently from its budget overrides ``keep_count``)."""
     cur = n
     for s in steps:
-        k = s.budget.count(cur)
-        cur = cur if k >= cur else min(cur, s.method.keep_count(s.budget, cur, n, num_layers, s.layer))
+        cur = cur if s.budget.count(n) >= n else min(cur, s.method.keep_count(s.budget, cur, n, num_layers, s.layer))
     return cur
 
 
