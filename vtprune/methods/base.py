@@ -50,8 +50,8 @@ class Method:
     scored_at_previous_layer: ClassVar[bool] = False  # reads layer K-1, so K >= 1
     gate: ClassVar[bool] = False  # select() runs even when the budget keeps everything (may drop spans)
     version: ClassVar[int] = 1
-    # layer=None on an in-LLM method: this reference schedule, scaled to the model's depth by resolve() (validated
-    # as given here)
+    # layer=None on an in-LLM method: this schedule for a 32-layer LLM, scaled to the model's depth by resolve()
+    # (validated as given here)
     reference_layers: ClassVar[tuple[int, ...]] = ()
 
     ratio: float | None = None
@@ -108,8 +108,11 @@ class Method:
         raise NotImplementedError
 
     def resolve(self, num_layers: int) -> Method:
-        """This method with model-dependent defaults filled in (e.g. layers scaled to the depth)."""
-        return self
+        """This method with model-dependent defaults filled in: ``layer=None`` becomes ``reference_layers`` scaled
+        to the depth (stages landing on one layer merge)."""
+        if self.layer is not None or not self.reference_layers:
+            return self
+        return dataclasses.replace(self, layer=tuple(sorted(set(scale_layers(self.reference_layers, num_layers)))))
 
     def expand(self, num_layers: int) -> list[Method]:
         """The methods this one runs as (a second stage, e.g. ToDRE's in-LLM drop, is a separate step)."""
@@ -162,6 +165,11 @@ class Method:
     def __str__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k not in ("method", "version"))
         return f"{self.name}({fields})"
+
+
+def scale_layers(layers: tuple[int, ...], num_layers: int, ref_depth: int = 32) -> list[int]:
+    """Decoder layers given for a ``ref_depth``-layer LLM, scaled to ``num_layers`` (rounded, within 1..L-1)."""
+    return [min(num_layers - 1, max(1, int(p * num_layers / ref_depth + 0.5))) for p in layers]
 
 
 def build(cls: type[Method], kwargs: dict[str, Any]) -> Method:

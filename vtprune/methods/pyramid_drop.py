@@ -27,7 +27,7 @@ Differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,7 @@ from vtprune.methods.base import LayerSpec, ScoreMethod
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
 
-REF_LAYERS, REF_DEPTH = (2, 8, 16), 32
+REF_LAYERS = (2, 8, 16)  # for a 32-layer LLM
 
 
 def average_tokens(lam: float, layers: tuple[int, ...], num_layers: int, n0: int) -> float:
@@ -85,12 +85,6 @@ class PyramidDrop(ScoreMethod):
             raise ValueError(f"pdrop: lam must be in (0, 1] or None, got {self.lam!r}")
         if self.layer is not None and 0 in self.layers:
             raise ValueError(f"pdrop: layer 0 would drop before the LLM sees any token; got layer={self.layer!r}")
-
-    def resolve(self, num_layers: int) -> PyramidDrop:
-        if self.layer is not None:
-            return self
-        scaled = sorted({min(num_layers - 1, max(1, int(p * num_layers / REF_DEPTH + 0.5))) for p in REF_LAYERS})
-        return replace(self, layer=tuple(scaled))
 
     def keep_count(self, budget: Budget, n: int, n0: int, num_layers: int, layer: int | None) -> int:
         if self.lam is None and budget.is_identity:

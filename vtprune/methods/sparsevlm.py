@@ -37,7 +37,7 @@ Differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +46,7 @@ from vtprune.methods.base import LayerSpec, Method, Selection, check_finite
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
 
-REF_LAYERS, REF_DEPTH = (3, 7, 16), 32  # pruning after layers 2, 6, 15 = at the input of 3, 7, 16
+REF_LAYERS = (3, 7, 16)  # 32 layers: pruning after layers 2, 6, 15 = at the input of 3, 7, 16
 LISTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}  # v1.5 (score.py)
 
 
@@ -122,12 +122,6 @@ class SparseVLM(Method):
         if self.layer is not None and len(self.layers) > len(REF_LAYERS):
             raise ValueError(f"sparsevlm: at most {len(REF_LAYERS)} pruning layers (its budget lists have 3 stages), "
                              f"got layer={self.layer!r}")
-
-    def resolve(self, num_layers: int) -> SparseVLM:
-        if self.layer is not None:
-            return self
-        scaled = sorted({min(num_layers - 1, max(1, int(p * num_layers / REF_DEPTH + 0.5))) for p in REF_LAYERS})
-        return replace(self, layer=tuple(scaled))
 
     def survivors(self, budget: Budget, n: int, n0: int, layer: int) -> int:
         """Tokens ranked into the kept set at this stage: min(K_i, n - 1) (the reference's cap)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from vtprune.budget import Budget
-from vtprune.methods.base import LayerSpec, ScoreMethod
+from vtprune.methods.base import LayerSpec, ScoreMethod, scale_layers
 from vtprune.signals import Signals
 from vtprune.registry import METHODS
 
@@ -78,7 +78,7 @@ class TransPrune(ScoreMethod):
         layers = self.layers
         fractions = tuple(self.fractions)
         if self.layer is None:  # scale the reference schedule; merge stages that land on one layer
-            scaled = [min(num_layers - 1, max(1, int(p * num_layers / REF_DEPTH + 0.5))) for p in REF_LAYERS]
+            scaled = scale_layers(REF_LAYERS, num_layers, REF_DEPTH)
             merged: dict[int, float] = {}
             for p, f in zip(scaled, REF_FRACTIONS):
                 merged[p] = f  # the later (smaller) fraction wins

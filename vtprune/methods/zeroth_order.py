@@ -148,24 +148,24 @@ def _versions(*ts: torch.Tensor | None) -> tuple:
 
 def _closed_form_mats(p: ProjectorMLP, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """(G, H, H) W2^T W2 ⊙ W1_b diag(γ_b^2) W1_b^T for each norm group b (G = 1, γ = 1 without a norm), W1^T
-    (Dv, H) and W2^T (H, Do): computed in float32, returned in ``dtype``, cached until a weight changes. Memory:
-    G H^2 numbers per dtype (Qwen2-VL-7B: 4 x 5120^2, 420 MB in float32, half that in bfloat16)."""
+    (Dv, H) and W2^T (H, Do): computed in float32, kept in ``dtype`` only, cached until a weight or the dtype
+    changes. Memory: G H^2 numbers (Qwen2-VL-7B: 4 x 5120^2, 210 MB in bfloat16)."""
     gamma = p.norm.weight if p.norm is not None else None
-    key = _versions(p.lin1.weight, p.lin2.weight, gamma)
+    key = (_versions(p.lin1.weight, p.lin2.weight, gamma), dtype)
     hit = _GRAM.get(p.lin2)
-    if hit is None or hit[0] != key:
-        w1, w2 = p.lin1.weight.detach().float(), p.lin2.weight.detach().float()  # (H, Dv), (Do, H)
-        c = w2.T @ w2  # (H, H)
-        if gamma is None:
-            grams = (c * (w1 @ w1.T))[None]
-        else:
-            d = gamma.numel()
-            w1g = w1 * gamma.detach().float().repeat(w1.shape[1] // d)  # (H, Dv): W1 diag(γ tiled)
-            grams = torch.stack([c * (b @ b.T) for b in w1g.split(d, dim=1)])  # (G, H, H)
-        hit = _GRAM[p.lin2] = (key, {torch.float32: (grams, w1.T, w2.T)})
-    if dtype not in hit[1]:
-        hit[1][dtype] = tuple(t.to(dtype) for t in hit[1][torch.float32])
-    return hit[1][dtype]
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w1, w2 = p.lin1.weight.detach().float(), p.lin2.weight.detach().float()  # (H, Dv), (Do, H)
+    c = w2.T @ w2  # (H, H)
+    if gamma is None:
+        grams = (c * (w1 @ w1.T))[None]
+    else:
+        d = gamma.numel()
+        w1g = w1 * gamma.detach().float().repeat(w1.shape[1] // d)  # (H, Dv): W1 diag(γ tiled)
+        grams = torch.stack([c * (b @ b.T) for b in w1g.split(d, dim=1)])  # (G, H, H)
+    mats = tuple(t.to(dtype) for t in (grams, w1.T, w2.T))
+    _GRAM[p.lin2] = (key, mats)
+    return mats
 
 
 def expected_sensitivity(x: torch.Tensor, p: ProjectorMLP, matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
