@@ -390,3 +390,18 @@ def test_sparsevlm_first_stage_keeps_the_raters_top_attention():
     expected = img[score.topk(k).indices].sort().values
     kept = h.stats.positions_by_layer[2][0]
     assert torch.equal(kept[torch.isin(kept, img)], expected)
+
+
+def test_a_methods_own_budget_reaches_the_steps_it_expands_to():
+    """vtprune.method("vscan", keep=k) (as lmms-eval model args and sweep configs give it) plans like
+    prune(model, "vscan", keep=k): its in-LLM drop step takes the method's budget."""
+    from vtprune.testing.tiny import Row, build, make_inputs
+
+    model = build("llava")
+    inputs = make_inputs(model, [Row(seed=0)])
+    counts = []
+    for args, kw in (((vtprune.method("vscan", keep=6),), {}), (("vscan",), {"keep": 6})):
+        with vtprune.prune(model, *args, **kw) as h, torch.no_grad():
+            model(**inputs)
+            counts.append([(s.stage, s.after) for s in h.stats.stages])
+    assert counts[0] == counts[1] and len(counts[0]) == 2

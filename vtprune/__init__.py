@@ -28,6 +28,9 @@ _EXPORTS = {
     "Signals": "vtprune.signals",
     "Budget": "vtprune.budget",
     "PruneStats": "vtprune.types",
+    "kept_masks": "vtprune.masks",
+    "ImageTokens": "vtprune.masks",
+    "TokenGrid": "vtprune.masks",
     "METHODS": "vtprune.registry",
     "ADAPTERS": "vtprune.registry",
 }
@@ -35,6 +38,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from vtprune.api import PruneHandle, adapter_for, handle_of, list_methods, list_models, method, prune
     from vtprune.budget import Budget
+    from vtprune.masks import ImageTokens, TokenGrid, kept_masks
     from vtprune.methods.base import Method, ScoreMethod, Selection
     from vtprune.registry import ADAPTERS, METHODS
     from vtprune.signals import Signals

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
@@ -19,6 +19,9 @@ from vtprune.patching import Patcher
 from vtprune.registry import ADAPTERS, METHODS
 from vtprune.signals import SIGNAL_TABLE
 from vtprune.types import PruneStats
+
+if TYPE_CHECKING:
+    from vtprune.masks import ImageTokens
 
 _HANDLE_ATTR = "_vtprune_handle"
 POSITIONS: tuple[str, ...] = ("original", "compact")
@@ -80,6 +83,13 @@ class PruneHandle:
     def stats(self) -> PruneStats:
         """Statistics of the last prefill: visual tokens before/after per sample, per stage, timings."""
         return self._stats[0]
+
+    def kept_masks(self) -> list[ImageTokens]:
+        """Per image / frame of the last prefill, the kept tokens in the image's own patch grid after every stage
+        (:func:`vtprune.masks.kept_masks`)."""
+        from vtprune.masks import kept_masks
+
+        return kept_masks(self.stats)
 
     @property
     def methods(self) -> list[Method]:
@@ -234,6 +244,14 @@ def _check_supported(adapter: Adapter, m: Method, positions: str) -> None:
         raise ValueError(f"method {m.name!r} cannot act inside the LLM")
 
 
+def _expanded(m: Method, num_layers: int) -> list[Method]:
+    """The steps ``m`` runs as; a step it adds (VScan's in-LLM drop, ToDRE's) takes ``m``'s own budget when it has
+    none, so ``method("vscan", keep=64)`` plans as ``prune(..., "vscan", keep=64)`` does."""
+    own = {"ratio": m.ratio, "keep": m.keep} if m.ratio is not None or m.keep is not None else None
+    return [sub if sub is m or own is None or sub.ratio is not None or sub.keep is not None
+            else dataclasses.replace(sub, **own) for sub in m.expand(num_layers)]
+
+
 def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio: float | None = None, *,
          keep: int | None = None, layer: int | Sequence[int] | None = None, budget: str = "per_frame",
          positions: str = "original", newlines: str = "row", **method_kwargs: Any) -> list[Step]:
@@ -251,7 +269,7 @@ def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio:
         raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(map(repr, POSITIONS))}")
     if newlines not in NEWLINES:
         raise ValueError(f"newlines={newlines!r} is not allowed; allowed: {', '.join(map(repr, NEWLINES))}")
-    methods = [sub for m in methods for sub in m.resolve(adapter.num_layers).expand(adapter.num_layers)]
+    methods = [sub for m in methods for sub in _expanded(m.resolve(adapter.num_layers), adapter.num_layers)]
     steps = []
     for m in methods:
         _check_supported(adapter, m, positions)

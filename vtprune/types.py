@@ -7,6 +7,7 @@ N candidate tokens per span, K kept tokens per span, D hidden width, H heads, Dv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,14 @@ class StageStats:
     after: list[int]  # ... and leaving it
     spans: list[SpanStats] = field(default_factory=list)
     select_ms: float = 0.0  # wall time of scoring + selection (CUDA synchronised)
+    # per sample, the ORIGINAL positions of the visual tokens present after this stage (structural ones included)
+    kept_positions: list[torch.Tensor] = field(default_factory=list)
+    # per sample, the original positions of kept tokens whose representation this stage replaced (merging methods)
+    merged_positions: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} {self.method}"
 
 
 @dataclass
@@ -60,6 +69,9 @@ class PruneStats:
     # wall time spent inside vtprune's hooks for this prefill (layouts, signals, selection, cutting), ms: what
     # pruning costs beyond the model's own compute (the bench's "E from timed parts")
     overhead_ms: float = 0.0
+    # the prompt's layout (vtprune.engine.state.Layout): image, frame and grid cell of every position, which
+    # vtprune.masks.kept_masks reads to draw the stages' kept sets in each image's own patch grid
+    layout: Any = field(default=None, repr=False)
 
     def positions_at(self, layer: int) -> list[torch.Tensor]:
         """Per sample, the original positions that decoder layer ``layer`` sees."""

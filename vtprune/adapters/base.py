@@ -45,6 +45,47 @@ class ImageLayout:
         return cls(src=src, grid=grid, line=torch.full((n,), -1), frame=torch.zeros(n, dtype=torch.long))
 
 
+@dataclass(frozen=True)
+class GridBox:
+    """Where one grid of an image or frame (:mod:`vtprune.masks` order) lies in the original picture: ``box`` is
+    (x0, y0, x1, y1) in units of the picture's width and height (beyond [0, 1] where the processor pads, inside
+    where it crops), drawn on the panel named ``panel`` (grids that tile one picture share a panel)."""
+
+    panel: str
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+
+
+def seen_box(processor: Any, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The part of a ``(width, height)`` picture one square-tile image processor shows its vision tower: its
+    pad-to-square canvas (``do_pad``, LLaVA's expand2square), its centre crop (``do_center_crop`` after a
+    shortest-edge or fixed resize), or the whole picture (a plain resize, or no processor given)."""
+    ip = getattr(processor, "image_processor", processor)
+    W, H = image_size
+    if ip is None or not W or not H:
+        return (0.0, 0.0, 1.0, 1.0)
+    if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):  # the square canvas around the picture
+        side = max(W, H)
+        dx, dy = (side - W) / 2 / W, (side - H) / 2 / H
+        return (-dx, -dy, 1 + dx, 1 + dy)
+    crop, size = getattr(ip, "crop_size", None), getattr(ip, "size", None)
+    if getattr(ip, "do_center_crop", False) and crop is not None and size is not None:
+        edge = _dim(size, "shortest_edge")
+        if edge:  # resize the shortest edge to ``edge``, keeping the aspect ratio
+            sw, sh = W * edge / min(W, H), H * edge / min(W, H)
+        else:
+            sw, sh = _dim(size, "width"), _dim(size, "height")
+        cw, ch = _dim(crop, "width"), _dim(crop, "height")
+        if sw and sh and cw and ch:
+            fx, fy = min(cw / sw, 1.0), min(ch / sh, 1.0)
+            return (0.5 - fx / 2, 0.5 - fy / 2, 0.5 + fx / 2, 0.5 + fy / 2)
+    return (0.0, 0.0, 1.0, 1.0)
+
+
+def _dim(size: Any, key: str) -> Any:
+    """A field of an image processor's size (a dict, or transformers' SizeDict)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 @dataclass
 class LayerCut:
     """Where decoder layer l's tokens come from behind an in-LLM step, for :meth:`Adapter.cut_layer_mask`.
@@ -279,6 +320,13 @@ class Adapter:
     def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         """A layout when no feature call was seen (features passed in precomputed)."""
         return None
+
+    def grid_boxes(self, groups: int, image_size: tuple[int, int], processor: Any = None) -> list[GridBox]:
+        """Where the ``groups`` grids of one image or video frame lie in its ``(width, height)`` picture, for
+        drawing (``vtprune show``). Default: every grid shows the picture as the image processor does (its
+        centre crop or pad-to-square canvas, when it does either), each on its own panel."""
+        box = seen_box(processor, image_size)
+        return [GridBox("" if groups == 1 else f"grid {g}", box) for g in range(groups)]
 
     # ------------------------------------------------------------------ cutting the language model's inputs
     def takes_mask(self, mask: Any) -> bool:

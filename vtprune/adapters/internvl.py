@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vtprune.adapters.base import ImageLayout, VisionRecord
+from vtprune.adapters.base import GridBox, ImageLayout, VisionRecord
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.registry import ADAPTERS
 
@@ -65,6 +65,21 @@ class InternVLAdapter(LlavaAdapter):
         # scores: the attention mass of the token's patches; features: the patches side by side
         per_tile = blocks.sum(2) if kind == "score" else blocks.flatten(2)  # (tiles, g*g, C or 4C)
         return list(per_tile)  # one "image" per tile; the engine joins a run of tiles
+
+    def grid_boxes(self, groups: int, image_size: tuple[int, int], processor: Any = None) -> list[GridBox]:
+        """An image of one tile is the whole picture; of n > 1, n - 1 tiles of the picture resized to a
+        cols x rows canvas, row-major, then the thumbnail (the whole picture). The canvas is the factorisation of
+        n - 1 closest to the picture's aspect ratio, the processor's rule (its tie-break towards more tiles
+        never applies among factorisations of one count)."""
+        if groups == 1:
+            return [GridBox("")]
+        W, H = image_size
+        n = groups - 1
+        cols = min((c for c in range(1, n + 1) if n % c == 0), key=lambda c: abs(W / max(H, 1) - c / (n // c)))
+        rows = n // cols
+        tiles = [GridBox("tiles", (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows))
+                 for r, c in (divmod(t, cols) for t in range(n))]
+        return [*tiles, GridBox("thumbnail")]
 
     @property
     def grid_side(self) -> int:

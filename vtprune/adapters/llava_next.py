@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from vtprune.adapters.base import ImageLayout, VisionRecord
+from vtprune.adapters.base import GridBox, ImageLayout, VisionRecord
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.registry import ADAPTERS
 
@@ -71,6 +71,11 @@ class LlavaNextAdapter(LlavaAdapter):
         grid[canvas, 1] = row
         grid[canvas, 2] = col  # newlines get column = row width (never read: they are not candidates)
         return ImageLayout(src=src, grid=grid, line=line, frame=torch.zeros(n, dtype=torch.long))
+
+    def grid_boxes(self, groups: int, image_size: tuple[int, int], processor: Any = None) -> list[GridBox]:
+        """The base tile is the whole picture resized to one tile (squashed); the unpadded canvas is the whole
+        picture too (the padding its crops carried is cut off). A video frame: one grid, the whole frame."""
+        return [GridBox(name) for name in (("base tile", "AnyRes crops") if groups == 2 else ("",) * groups)]
 
     def default_layouts(self, modality: str, n_visual: int) -> VisionRecord | None:
         return None  # the AnyRes layout needs image_sizes: pass pixel_values

@@ -183,7 +183,7 @@ class Engine:
             fwd = Forward(layout=layout, records=used, embeds=embeds, projected=embeds, mask0=mask0, input_ids=ids,
                           base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
             call.fwd, call.phase, call.last_layer = fwd, "prefill", -1
-            call.stats = PruneStats(visual_before=layout.visual.sum(1).tolist())
+            call.stats = PruneStats(visual_before=layout.visual.sum(1).tolist(), layout=layout)
             cur = run_pre_llm(self.adapter, self.pre_steps, fwd, call.stats, grad=grad)
             fwd.base = cur
             index = cur.index.clamp(min=0)  # (B, L0)

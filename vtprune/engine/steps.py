@@ -38,8 +38,20 @@ def run_step(adapter: Adapter, step: Step, fwd: Forward, cur: IndexMap, tokens: 
                        structural=cur.valid & ~cand & lay.visual.gather(1, orig) & (line >= 0))
         view = StageView(adapter, fwd, step, orig, tokens, local, prev, cur, layer_kwargs)
         chosen = select(step, c, view, adapter.num_layers, grad=grad)
+        _record(chosen, orig, cur.valid & lay.visual.gather(1, orig))
     stats.stages.append(chosen.stage)
     return chosen
+
+
+def _record(chosen: Selected, orig: torch.Tensor, visual: torch.Tensor) -> None:
+    """The stage's kept visual tokens and merged slots in original positions (what vtprune.masks draws)."""
+    kept = chosen.keep & visual  # (B, Lc)
+    merged = torch.zeros_like(kept)
+    if chosen.merged is not None:
+        rows, slots, _ = chosen.merged
+        merged[rows, slots] = True
+    chosen.stage.kept_positions = [orig[b][kept[b]] for b in range(kept.shape[0])]
+    chosen.stage.merged_positions = [orig[b][merged[b] & kept[b]] for b in range(kept.shape[0])]
 
 
 def run_pre_llm(adapter: Adapter, steps: list[Step], fwd: Forward, stats: PruneStats, *,
