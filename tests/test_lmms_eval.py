@@ -28,6 +28,7 @@ from vtprune.synthetic.tokenizer import prompt  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "synthetic-llava"
 N, BATCH = 12, 4
+OVERLAYS = 2  # --save-overlays: the first documents of each pruned setting get a kept-token PNG
 # (method spec for the runner, vtprune.prune kwargs for the direct computation, visual tokens expected after)
 SETTINGS = {
     "baseline": (None, None, 576),
@@ -66,7 +67,7 @@ def _run_sweep(model_dir: Path, out: Path, methods: list[str], keeps: str, ratio
     cmd = [sys.executable, "-m", "vtprune.eval_runner", "--model", str(model_dir), "--tasks", "synthetic_vqa",
            "--methods", ",".join(methods), "--keeps", keeps, "--ratios", ratios, "--limit", str(n),
            "--batch-size", str(BATCH), "--device", "cpu", "--out", str(out),
-           "--hf-home", str(out / "hf_home")]
+           "--hf-home", str(out / "hf_home"), "--save-overlays", str(OVERLAYS)]
     proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -148,6 +149,22 @@ def test_sweep_reports_kept_visual_tokens_per_sample(sweep: Path, tiny_dir: Path
     header = "| task | metric | method | budget | score | % of baseline | visual tokens kept | prefill ms |"
     assert header in table
     assert "| synthetic_vqa | exact_match | kcenter | keep=64 |" in table and "64.0 / 576.0" in table
+
+
+def test_sweep_saves_overlays_of_the_first_documents(sweep: Path) -> None:
+    from PIL import Image
+
+    for setting, rows in _samples(sweep).items():
+        drawn = [r for r in rows if r.get("overlay")]
+        if setting == "baseline":
+            assert not drawn  # nothing pruned, nothing to show
+            continue
+        assert [r["doc_id"] for r in drawn] == list(range(OVERLAYS)), setting
+        for r in drawn:
+            path = sweep / r["overlay"]
+            assert path.is_file() and path.resolve().is_relative_to(sweep.resolve() / "overlays")
+            with Image.open(path) as im:
+                assert im.width > 100 and im.height > 100
 
 
 def test_llava_hf_wrapper_in_process(sweep: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch,

@@ -232,9 +232,11 @@ def test_script_runs_offline_and_resumes(synthetic, tmp_path):
     out = tmp_path / "run"
     argv = ["--model", "tiny:qwen2_vl", "--data", str(synthetic / "annotations.json"), "--method", "kcenter",
             "--ratio", "0.75", "--frames", "4", "--out", str(out), "--max-new-tokens", "3", "--no-progress"]
-    assert qa.main([*argv, "--limit", "2"]) == 0
+    assert qa.main([*argv, "--limit", "2", "--save-overlays", "1"]) == 0
     first = (out / "predictions.jsonl").read_text().splitlines()
     assert len(first) == 2
+    drawn = [json.loads(line).get("overlay") for line in first]
+    assert drawn[0] and drawn[1] is None and (out / drawn[0]).is_file()  # the first question's frames
     (out / "predictions.jsonl").write_text("\n".join(first) + "\n" + first[1][:40])  # a run killed mid-write
     assert qa.main(argv) == 0
     lines = (out / "predictions.jsonl").read_text().splitlines()
@@ -266,8 +268,9 @@ def test_script_loads_a_local_checkpoint_and_csv(synthetic, tmp_path):
     out = tmp_path / "run"
     qa.main(["--model", str(ckpt), "--data", str(synthetic / "annotations.csv"), "--method", "random",
              "--keep", "2", "--method-arg", "seed=3", "--fps", "4", "--max-frames", "5", "--out", str(out),
-             "--max-new-tokens", "2", "--limit", "2", "--no-progress"])
+             "--max-new-tokens", "2", "--limit", "2", "--no-progress", "--save-overlays", "2"])
     recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all((out / r["overlay"]).is_file() for r in recs)
     assert [r["frame_indices"] for r in recs] == [[0, 4, 8, 10, 14]] * 2  # 4 fps of 8 fps: 8 samples thinned to 5
     assert all(r["visual_before"] == 5 * 4 and r["visual_after"] == 5 * 2 for r in recs)
     summary = qa.run(qa.add_arguments(__import__("argparse").ArgumentParser()).parse_args(

@@ -1,4 +1,4 @@
-"""``vtprune`` command line: ``vtprune demo``, ``vtprune methods``, ``vtprune models``."""
+"""``vtprune`` command line: ``vtprune demo``, ``show``, ``report``, ``eval``, ``video-qa``, ``methods``, ``models``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.eval_runner import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["show"]:  # options in vtprune/show.py
+        from vtprune.show import main as show_main
+
+        return show_main(argv[1:])
+    if argv[:1] == ["report"]:  # options in vtprune/report.py
+        from vtprune.report import main as report_main
+
+        return report_main(argv[1:])
     parser = argparse.ArgumentParser(prog="vtprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="accuracy retained, speed-up and efficiency of every method at 192 / 128 / 64 "
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     video_qa_arguments(sub.add_parser("video-qa", help="answer, score and time a video question set (docs/video.md)"))
     sub.add_parser("eval", help="lmms-eval: unpruned baseline + method x budget sweeps in one run (eval/README.md)")
+    sub.add_parser("show", help="one PNG: an image and, per method, the tokens it keeps and its answer")
+    sub.add_parser("report", help="one self-contained HTML page of an evaluation output directory")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("models", help="list the supported model families")
     args = parser.parse_args(argv)

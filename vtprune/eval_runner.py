@@ -5,9 +5,11 @@ Writes to ``--out``:
 
 * ``results.md`` / ``results.csv``: task, metric, method, budget, score, % of the baseline, visual tokens
   kept (mean per sample; in-LLM methods also show the per-layer average), prefill ms (mean per prefill call);
-* ``samples.jsonl``: one line per (setting, document): target, response, per-sample metrics, prefill ms,
-  visual tokens before / after;
-* ``results.json``: lmms-eval's aggregated results per setting, with the exact vtprune configuration.
+* ``samples.jsonl``: one line per (setting, document): question (the prompt), target, response, per-sample
+  metrics, prefill ms, visual tokens before / after;
+* ``results.json``: lmms-eval's aggregated results per setting, with the exact vtprune configuration;
+* ``overlays/<setting>/<task>-<doc>.png`` with ``--save-overlays N``: the kept tokens of the first N documents
+  of every task under each pruned setting (``vtprune report`` puts them beside the answers).
 
 The offline synthetic VQA task (``synthetic_vqa``) is written under ``<out>/tasks`` on the fly. Offline
 environment variables are set before lmms-eval / datasets are imported (``--online`` to skip), and the
@@ -78,6 +80,7 @@ class SweepSpec:
     offline: bool = True
     seed: int = 0
     chat: bool = False
+    save_overlays: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -140,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--online", dest="offline", action="store_false", default=None,
       help="do not set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE")
     a("--seed", type=int, help="lmms-eval's random seeds (default 0)")
+    a("--save-overlays", type=int, metavar="N",
+      help="draw the kept tokens of the first N documents of every task under each pruned setting into "
+           "<out>/overlays/ (samples.jsonl's overlay names the PNG; vtprune report shows them)")
     return p
 
 
@@ -341,6 +347,7 @@ def run(spec: SweepSpec) -> list[dict[str, Any]]:
         samples_path.write_text("")
     raw_results: list[dict[str, Any]] = []
     baseline: dict[tuple[str, str], float] = {}
+    lm.save_overlays(out if main else None, spec.save_overlays)
     bar = tqdm(settings, desc="settings", unit="setting", disable=not main)
     for cfg in bar:
         bar.set_postfix_str(cfg.label)
@@ -396,7 +403,23 @@ def _table_rows(spec: SweepSpec, cfg: Any, task: str, metrics: dict[str, tuple[f
 
 
 _RECORD_KEYS = ("prefill_ms", "batch_rows", "prompt_tokens", "visual_before", "visual_after",
-                "mean_visual_per_layer", "select_ms")
+                "mean_visual_per_layer", "select_ms", "overlay")
+
+
+_QUESTION_CHARS = 4000  # a long context (few-shot, OCR dumps) would bloat samples.jsonl: keep its head
+
+
+def _question(sample: dict[str, Any]) -> str | None:
+    """The prompt text lmms-eval logged for a document: the first string among the request's ``arguments``
+    (generate_until's context; its other strings, the task and split names, come later)."""
+    args = sample.get("arguments")
+    # one request per document: a flat list; older lmms-eval logged a list of argument tuples
+    while isinstance(args, (list, tuple)) and args and isinstance(args[0], (list, tuple)):
+        args = args[0]
+    text = next((a for a in args if isinstance(a, str)), None) if isinstance(args, (list, tuple)) else None
+    if text is None:
+        return None
+    return text if len(text) <= _QUESTION_CHARS else text[:_QUESTION_CHARS] + " [...]"
 
 
 def _sample_lines(cfg: Any, task: str, samples: list[dict[str, Any]], metric_names: list[str],
@@ -406,7 +429,8 @@ def _sample_lines(cfg: Any, task: str, samples: list[dict[str, Any]], metric_nam
     for s in samples:
         rec = by_doc.get(s.get("doc_id"), {})
         yield {"setting": cfg.label, "method": cfg.method_label, "budget": cfg.budget_label, "task": task,
-               "doc_id": s.get("doc_id"), "target": s.get("target"), "response": _response(s),
+               "doc_id": s.get("doc_id"), "question": _question(s), "target": s.get("target"),
+               "response": _response(s),
                **{m: s.get(m) for m in metric_names}, **{k: rec.get(k) for k in _RECORD_KEYS}}
 
 

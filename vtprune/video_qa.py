@@ -17,7 +17,8 @@ is right when its letter (or, failing a letter, its option text) is the answer's
 score is normalised exact match (case, punctuation, articles and number words ignored).
 
 Outputs in ``--out`` (default ``out/video_qa/<model>-<method>-<budget>-<amount>-<sampling>``):
-``predictions.jsonl`` (one record per item, written as it is answered) and ``summary.json``. A second
+``predictions.jsonl`` (one record per item, written as it is answered) and ``summary.json``; with
+``--save-overlays N``, ``overlays/<id>.png`` for the first N items (the kept tokens over the sampled frames). A second
 run with the same options skips the items already in ``predictions.jsonl``; a run with other options
 into the same directory is refused.
 """
@@ -309,6 +310,7 @@ def _answer(args: argparse.Namespace, config: dict[str, Any], all_items: Sequenc
     timer = PrefillClock(model)  # vision tower + selection + LLM prefill of each generate()
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    drawn = 0
     try:
         with open(pred_path, "a") as f, torch.inference_mode():
             for item in tqdm(todo, desc="video-qa", unit="q", initial=already, total=already + len(todo),
@@ -342,12 +344,32 @@ def _answer(args: argparse.Namespace, config: dict[str, Any], all_items: Sequenc
                     "generate_ms": round((t3 - t2) * 1e3, 3), "e2e_ms": round((t3 - t0) * 1e3, 3),
                     "config": config,
                 }
+                if handle is not None and drawn < args.save_overlays:
+                    record["overlay"] = _overlay(pred_path.parent, item, clip, handle, builder, prediction, config)
+                    drawn += 1
                 f.write(json.dumps(record) + "\n")
                 f.flush()  # a crash loses at most the item in flight
     finally:
         timer.remove()
         if handle is not None:
             handle.remove()
+
+
+def _overlay(out: Path, item: dict[str, Any], clip: Any, handle: Any, builder: Any, prediction: str,
+             config: dict[str, Any]) -> str:
+    """Draw the kept tokens of the last prefill over the sampled frames (one picture per token frame: Qwen's
+    temporal patch shows its first frame); returns the PNG's path relative to ``out``."""
+    from vtprune.show import Entry, figure
+
+    video = handle.kept_masks()[-1]  # the prompt's video (after any image)
+    step = len(clip) / video.frames
+    pictures = [clip.frames[int(t * step)] for t in range(video.frames)]
+    amount = f"ratio={config['ratio']}" if config["ratio"] is not None else f"keep={config['keep']}"
+    entry = Entry(f"{config['method']} {amount} {config['budget']}", video, answer=prediction)
+    rel = Path("overlays") / f"{''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in str(item['id']))}.png"
+    figure(pictures, [entry], handle.adapter, out / rel, processor=getattr(builder, "processor", None),
+           title=f"{item['question']} (answer: {item['answer']})", height=112)
+    return rel.as_posix()
 
 
 def format_summary(s: dict[str, Any], out: Path) -> str:
@@ -405,6 +427,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="torch CPU threads")
     r.add_argument("--seed", type=int, default=0, help="weights seed of a tiny:<family> model")
     r.add_argument("--no-resume", dest="resume", action="store_false", help="discard earlier predictions")
+    r.add_argument("--save-overlays", type=int, default=0, metavar="N",
+                   help="draw the kept tokens of the first N questions answered (a strip of frames each) into "
+                        "<out>/overlays/; the prediction's 'overlay' names the PNG")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or summary print")
     return p
 

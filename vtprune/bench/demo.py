@@ -112,8 +112,26 @@ def run(model_dir: str | Path = DEFAULT_MODEL, n: int = 100, budgets: tuple[int,
              "accuracy": base.accuracy, "retention": 1.0, "prefill_ms": t_base, "speedup": 1.0,
              "efficiency": 1.0, "select_ms": 0.0}]
     rows += [{k: v for k, v in c.items() if not k.startswith("_")} for c in cells]
+    if plot:  # what survives: the kept tokens of a few methods on one held-out question (vtprune show)
+        _show(model, processor, Path(out_dir))
     _report(rows, n, reps, t_vis, time.perf_counter() - t_start, Path(out_dir), plot)
     return rows
+
+
+SHOW_METHODS = ("random", "kcenter", "cls_attention", "vispruner", "cdpruner", "visionzip", "vscan", "fastv",
+                "pdrop:budget_mode=last", "sparsevlm:raters=all", "dart")
+SHOW_SAMPLE = 3  # a held-out counting question ("how many purple shapes"): two objects matter
+
+
+def _show(model: torch.nn.Module, processor: Any, out: Path, keep: int = 64) -> None:
+    from vtprune.show import figure, run as show
+    from vtprune.synthetic.scenes import heldout
+
+    sample = heldout(1, offset=SHOW_SAMPLE)[0]
+    entries = show(model, processor, sample.image, sample.question, SHOW_METHODS, keep=keep)
+    path = figure([sample.image], entries, vtprune.adapter_for(model), out / "show.png", processor=processor,
+                  title=f"{sample.question!r} (truth: {sample.answer!r}), {keep} visual tokens kept of 576")
+    print(f"wrote {path}")
 
 
 def _report(rows: list[dict], n: int, reps: int, t_vis: float, elapsed: float, out: Path, plot: bool) -> None:
@@ -151,21 +169,24 @@ def _report(rows: list[dict], n: int, reps: int, t_vis: float, elapsed: float, o
     except ImportError:
         print("matplotlib not installed: no plot")
         return
+    from vtprune.bench.style import legend_below, method_styles
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    styles = method_styles(methods)
+    for method in methods:
         pts = sorted((r["per_layer"], r["retention"] * 100, r["speedup"]) for r in rows if r["method"] == method)
-        style = {"lw": 2.5, "color": "black"} if method == "random" else {"lw": 1.2}
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method, **style)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=method, **style)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=method, **styles[method])
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], label=method, **styles[method])
     axes[0].axhline(100, color="grey", ls="--", lw=0.8)
     axes[0].set(xlabel="visual tokens per decoder layer (mean; 576 unpruned)", ylabel="accuracy retained (%)",
                 title=f"synthetic VQA ({n} held-out), unpruned {base['accuracy']:.3f}")
     axes[1].axhline(1, color="grey", ls="--", lw=0.8)
     axes[1].set(xlabel="visual tokens per decoder layer (mean; 576 unpruned)", ylabel="prefill speed-up",
                 title="prefill of one prompt (CPU)")
-    axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "demo.png", dpi=130)
+    legend_below(fig)  # one legend for both panels, under them
+    fig.savefig(out / "demo.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {out / 'demo.png'}")
 

@@ -34,8 +34,10 @@ import gc
 import importlib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +46,7 @@ from lmms_eval.api.instance import Instance
 from vtprune.api import PruneHandle, prune
 from vtprune.bench.timing import PrefillClock
 
-from vtprune.integrations.hf_model import HFVisionLanguageModel
+from vtprune.integrations.hf_model import HFVisionLanguageModel, _flatten
 from vtprune.integrations.model_args import (
     PruneConfig,
     _init_params,
@@ -133,6 +135,7 @@ class PruningMixin:
         self._vt_pending: collections.deque = collections.deque()
         self._vt_records: list[dict[str, Any]] = []
         self._vt_config = PruneConfig()
+        self._vt_overlays: Overlays | None = None
         self.configure(config)
 
     # ------------------------------------------------------------------ configuration
@@ -169,7 +172,16 @@ class PruningMixin:
         self._vt_clock = PrefillClock(model, on_start=self._vt_stats, on_stop=self._vt_record)
         self._vt_config = config
         self.reset_records()
+        if self._vt_overlays is not None:
+            self._vt_overlays.drawn.clear()
         return self._vt_handle
+
+    def save_overlays(self, root: str | Path | None, n: int = 0) -> None:
+        """From now on, draw the kept tokens of the first ``n`` documents of every task under each pruned setting
+        into ``root/overlays/<setting>/<task>-<doc_id>.png`` (a record's ``overlay`` names it, relative to
+        ``root``); ``None`` or ``n=0`` stops. A video is drawn as a strip of frames re-read uniformly from its
+        file (the parent class's own sampler may pick slightly different frames)."""
+        self._vt_overlays = Overlays(Path(root), n) if root is not None and n > 0 else None
 
     def _vt_detach(self) -> None:
         if self._vt_clock is not None:
@@ -191,14 +203,17 @@ class PruningMixin:
 
     # ------------------------------------------------------------------ lmms-eval hooks
     def generate_until(self, requests: list[Instance]) -> list[Any]:
+        self._vt_note_visuals(requests)
         with self._vt_reading():
             return super().generate_until(requests)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        self._vt_note_visuals(requests)
         with self._vt_reading(dedupe=True):  # parents read a doc twice (target, then visuals)
             return super().loglikelihood(requests)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[Any]:
+        self._vt_note_visuals(requests)
         with self._vt_reading():
             return super().generate_until_multi_round(requests)
 
@@ -260,11 +275,12 @@ class PruningMixin:
         docs = [self._vt_pending.popleft() for _ in range(min(rows, len(self._vt_pending)))]
         common = {"prefill_ms": ms, "batch_rows": rows, "select_ms": select_ms}
         if len(docs) == rows:
+            drawn = self._vt_draw(docs, st) if st is not None and st is not stats_before else {}
             for r, (task, split, doc_id) in enumerate(docs):
                 self._vt_records.append({"task": task, "split": split, "doc_id": doc_id, **common,
                                          "prompt_tokens": prompt[r], "visual_before": before[r],
                                          "visual_after": after[r],
-                                         "mean_visual_per_layer": per_layer[r]})
+                                         "mean_visual_per_layer": per_layer[r], "overlay": drawn.get(r)})
         else:  # e.g. beam search (rows = docs x beams): the batch means, attributed to every doc
             mean = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
             for task, split, doc_id in docs or [(None, None, None)]:
@@ -272,6 +288,45 @@ class PruningMixin:
                                          "prompt_tokens": mean(prompt), "visual_before": mean(before),
                                          "visual_after": mean(after),
                                          "mean_visual_per_layer": mean(per_layer)})
+
+    # ------------------------------------------------------------------ overlays
+    def _vt_note_visuals(self, requests: list[Instance]) -> None:
+        """The pictures of the documents an overlay will be drawn for (read before the doc tap is installed)."""
+        ov = self._vt_overlays
+        if ov is None or self._vt_handle is None:
+            return
+        for req in requests:
+            doc_to_visual, doc_id, task, split = req.args[2:6]
+            key = (task, split, doc_id)
+            if key in ov.pictures or ov.drawn.get(task, 0) + len(
+                    [k for k in ov.pictures if k[0] == task]) >= ov.n or not callable(doc_to_visual):
+                continue
+            try:
+                ov.pictures[key] = doc_to_visual(self.task_dict[task][split][doc_id])
+            except Exception as exc:  # noqa: BLE001 - an overlay never fails an evaluation
+                ov.warn(f"cannot read the visuals of {task} doc {doc_id}: {exc}")
+
+    def _vt_draw(self, docs: list[tuple[Any, Any, Any]], stats: Any) -> dict[int, str]:
+        """Overlays of the rows whose pictures were noted: row -> path relative to the overlay root."""
+        ov = self._vt_overlays
+        if ov is None or not ov.pictures or self._vt_handle is None:
+            return {}
+        from vtprune.masks import kept_masks
+
+        masks, out = None, {}
+        for r, key in enumerate(docs):
+            visuals = ov.pictures.pop(key, None)
+            if visuals is None or ov.drawn.get(key[0], 0) >= ov.n:
+                continue
+            masks = kept_masks(stats) if masks is None else masks
+            images = [im for im in masks if im.row == r]
+            try:
+                out[r] = ov.draw(self._vt_config.label, key, images, visuals, self._vt_handle.adapter,
+                                 getattr(self, "processor", None) or getattr(self, "_image_processor", None))
+                ov.drawn[key[0]] = ov.drawn.get(key[0], 0) + 1
+            except Exception as exc:  # noqa: BLE001
+                ov.warn(f"no overlay for {key[0]} doc {key[2]}: {exc}")
+        return out
 
     def _vt_placeholders(self, ids: torch.Tensor | None, mask: torch.Tensor | None, rows: int) -> list[int]:
         if ids is None:
@@ -285,6 +340,50 @@ class PruningMixin:
         if mask is not None and mask.dim() == 2 and mask.shape == ids.shape:
             hit &= mask.bool()
         return hit.sum(1).tolist()
+
+
+@dataclasses.dataclass
+class Overlays:
+    """Where and how many overlays a sweep draws, and the pictures of the documents in flight."""
+
+    root: Path
+    n: int
+    drawn: dict[str, int] = dataclasses.field(default_factory=dict)  # task -> overlays drawn this setting
+    pictures: dict[tuple[Any, Any, Any], Any] = dataclasses.field(default_factory=dict)
+    warned: bool = False
+
+    def warn(self, message: str) -> None:
+        if not self.warned:
+            warnings.warn(f"vtprune overlays: {message}", stacklevel=3)
+            self.warned = True
+
+    def draw(self, setting: str, key: tuple[Any, Any, Any], images: list[Any], visuals: Any, adapter: Any,
+             processor: Any) -> str:
+        from vtprune.show import Entry, figure
+
+        task, _, doc_id = key
+        flat = _flatten(visuals)
+        entries = []
+        for i, im in enumerate(images):
+            v = flat[min(i, len(flat) - 1)] if flat else None
+            pictures = _video_frames(v, im.frames) if isinstance(v, (str, os.PathLike, dict)) else [v]
+            entries.append(Entry(setting + (f" · image {i}" if len(images) > 1 else ""), im, pictures=pictures))
+        rel = Path("overlays") / _safe(setting) / f"{_safe(str(task))}-{_safe(str(doc_id))}.png"
+        figure(entries[0].pictures, entries, adapter, self.root / rel, processor=processor,
+               title=f"{task} doc {doc_id}", height=112 if any(e.tokens.frames > 1 for e in entries) else 160)
+        return rel.as_posix()
+
+
+def _video_frames(video: Any, frames: int) -> list[Any]:
+    """``frames`` pictures spread uniformly over a video file (the frames an overlay is drawn on)."""
+    from vtprune.video import load_video
+
+    path = video.get("path") if isinstance(video, dict) else video
+    return load_video(path, num_frames=frames).pil()
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in text)[:120]
 
 
 def _prompt_lengths(ids: torch.Tensor | None, mask: torch.Tensor | None, rows: int) -> list[int]:
