@@ -169,3 +169,77 @@ def test_paired_e_recovers_a_planted_overhead_without_scaling_layer_noise():
     ideal = 5.0 + 2 * 10.0 + 30 * 2.0
     assert e == pytest.approx(ideal / (ideal + 3.0), rel=1e-3) and ci < 0.01
     assert paired_e(base, bench, base) == pytest.approx((1.0, 0.0))  # the control
+
+
+def test_every_method_has_its_own_colour_and_marker():
+    """Plots tell methods apart by (colour, marker): no two registered methods share the pair, nor do variants
+    and unknown labels beside them; a method looks the same in every plot; random is black and thicker."""
+    from vtprune.bench.accuracy import ACC_METHODS, _label
+    from vtprune.bench.speed import BENCH_METHODS
+    from vtprune.bench.style import MARKERS, PALETTE, method_styles
+    from vtprune.registry import METHODS
+
+    def pairs(styles):
+        return [(s["color"], s["marker"]) for s in styles.values()]
+
+    names = METHODS.names()
+    everything = method_styles(names)
+    assert len(set(pairs(everything))) == len(names)
+    for table in (ACC_METHODS, BENCH_METHODS):
+        labels = ["none"] + [_label(n, o) for n, o in table] + ["fastv:layer=3", "my_plugin_method", "other"]
+        styles = method_styles(labels)
+        assert len(set(pairs(styles))) == len(labels)
+        for name in names:  # a registered method keeps its look whatever else is plotted
+            if name in styles:
+                assert styles[name] == everything[name], name
+    assert everything["random"]["color"] == "#000000"
+    assert everything["random"]["linewidth"] > max(s["linewidth"] for n, s in everything.items() if n != "random")
+    assert method_styles(["none"])["none"]["linestyle"] == "--"
+    # the only configuration of a method in a plot takes the method's own look; a second one is dash-dotted
+    alone = method_styles(["entropy(budget_mode=direct)", "kcenter", "kcenter(variant=todre)"])
+    assert alone["entropy(budget_mode=direct)"] == everything["entropy"]
+    assert alone["kcenter(variant=todre)"]["color"] == everything["kcenter"]["color"]
+    assert alone["kcenter(variant=todre)"]["linestyle"] == "-."
+    # with a registry as large as the palette times the markers, still no repeats
+    many = [f"m{i}" for i in range(len(PALETTE) * len(MARKERS))]
+    assert len(set(pairs(method_styles(many, registered=many)))) == len(many)
+
+
+def _fake_rows(methods, budgets=(192, 64)):
+    rows = [{"method": "none", "budget": 576, "kept": 576, "per_layer": 576.0, "mean_per_layer": 576.0,
+             "accuracy": 0.8, "retention": 1.0, "prefill_ms": 100.0, "speedup": 1.0, "efficiency": 1.0,
+             "select_ms": 0.0}]
+    for i, m in enumerate(methods):
+        for b in budgets:
+            acc = 0.8 - 0.01 * i - 0.1 * (b < 100)
+            rows.append({"method": m, "budget": b, "kept": b, "per_layer": b + 5.0 * i, "mean_per_layer": b + 5.0 * i,
+                         "accuracy": acc, "retention": acc / 0.8, "prefill_ms": 20.0 + b / 10, "speedup": 576 / b,
+                         "efficiency": 0.97, "select_ms": 0.5})
+    return rows
+
+
+def test_plots_are_written_with_a_legend_below(tmp_path):
+    """The demo's two panels, accuracy.png and a bench figure, on fake rows with every accuracy method: each PNG
+    is written, and the legend (outside the axes) makes the canvas taller than the figure size."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from vtprune.bench.accuracy import ACC_METHODS, _label, _plot
+    from vtprune.bench.demo import _report
+    from vtprune.bench.report import plot_rows
+
+    methods = [_label(n, o) for n, o in ACC_METHODS]
+    rows = _fake_rows(methods)
+    _report(rows, n=10, reps=1, t_vis=5.0, elapsed=1.0, out=tmp_path, plot=True)
+    _plot(rows, tmp_path / "accuracy.png", 0.8)
+    bench = [{"proxy": "tiny", "kept": r["kept"], "method": r["method"], "speedup_scaled": r["speedup"],
+              "kv_bytes_scaled": r["kept"] * 2**16, "peak_mb": 100.0 + r["kept"]} for r in rows]
+    plot_rows(bench, tmp_path)
+    for name, (w_in, h_in, dpi) in {"demo.png": (12, 4.5, 130), "accuracy.png": (8, 4.5, 130),
+                                    "bench_tiny.png": (16, 4, 120)}.items():
+        with Image.open(tmp_path / name) as im:
+            w, h = im.size
+            assert h > h_in * dpi * 1.1, (name, im.size)  # the legend rows under the axes
+            assert w <= w_in * dpi * 1.1, (name, im.size)  # ... not a legend sticking out sideways
+            assert len(im.convert("RGB").getcolors(1 << 20)) > 30

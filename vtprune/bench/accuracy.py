@@ -197,17 +197,20 @@ def _plot(rows: list[dict], path: Path, base: float) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+    from vtprune.bench.style import legend_below, method_styles
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    styles = method_styles(methods)
+    for method in methods:
         pts = sorted((r["mean_per_layer"], r["accuracy"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method,
-                lw=2.5 if method == "random" else 1.2, color="black" if method == "random" else None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **styles[method])
     ax.axhline(base, color="grey", ls="--", lw=0.8, label="unpruned")
     ax.set_xscale("log")
     ax.set(xlabel="visual tokens per decoder layer (mean; 576 unpruned)", ylabel="held-out accuracy",
            title="synthetic VQA: accuracy vs kept visual tokens")
-    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    legend_below(fig)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")

@@ -47,15 +47,17 @@ def plot_rows(rows: list[dict], out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    from vtprune.bench.style import legend_below, method_styles
+
     for proxy in dict.fromkeys(r["proxy"] for r in rows):
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-        methods = dict.fromkeys(r["method"] for r in rows if r["proxy"] == proxy and r["method"] != "none")
-        for j, method in enumerate(methods):
-            style = dict(marker="osD^v"[j // 10 % 5], linestyle=("-", "--", ":")[j // 10 % 3], label=method)
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["proxy"] == proxy and r["method"] != "none"))
+        styles = method_styles(methods)
+        for method in methods:
             pts = sorted((r["kept"], r["speedup_scaled"], r["kv_bytes_scaled"] / 2**20, r["peak_mb"]) for r in rows
                          if r["proxy"] == proxy and r["method"] == method)
             for i in range(3):
-                axes[i].plot([p[0] for p in pts], [p[i + 1] for p in pts], color=f"C{j % 10}", **style)
+                axes[i].plot([p[0] for p in pts], [p[i + 1] for p in pts], label=method, **styles[method])
         base = next(r for r in rows if r["proxy"] == proxy and r["method"] == "none")
         axes[2].axhline(base["peak_mb"], color="grey", linestyle="--", label="unpruned")
         axes[0].set(xlabel="visual tokens kept (last stage)", ylabel="prefill speed-up (scaled to real depth)",
@@ -63,8 +65,8 @@ def plot_rows(rows: list[dict], out: Path) -> None:
         axes[1].set(xlabel="visual tokens kept (last stage)", ylabel="KV cache (MB, real depth)", title=f"{proxy}")
         axes[2].set(xlabel="visual tokens kept (last stage)", ylabel="peak memory in prefill (MB, the proxy)",
                     title=f"{proxy}")
-        axes[0].legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(out / f"bench_{proxy}.png", dpi=120)
+        legend_below(fig)
+        fig.savefig(out / f"bench_{proxy}.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         print(f"wrote {out / f'bench_{proxy}.png'}")
