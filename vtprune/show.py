@@ -17,6 +17,7 @@ side by side. In-LLM methods show the tokens reaching the last decoder layer (``
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ def strip(named: list[tuple[str, Any]], gap: int = 6, per_row: int = 8) -> Any:
 
 
 def figure(pictures: Sequence[Any], entries: list[Entry], adapter: Any, path: str | Path, processor: Any = None,
-           title: str = "", height: int = 224) -> Path:
+           title: str = "", height: int = 224, dpi: int = 110) -> Path:
     """One PNG: per entry, its panels (the first entry is usually the unpruned model, ``stage=0``) and a caption
     with the kept count and the answer. Returns the path written."""
     import matplotlib
@@ -180,8 +181,13 @@ def figure(pictures: Sequence[Any], entries: list[Entry], adapter: Any, path: st
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi)
     plt.close(fig)
+    from PIL import Image
+
+    # a 256-colour palette: a third of the bytes (noisy pictures barely compress as RGB), no visible loss
+    Image.open(buf).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 

@@ -130,7 +130,7 @@ def _show(model: torch.nn.Module, processor: Any, out: Path, keep: int = 64) -> 
     sample = heldout(1, offset=SHOW_SAMPLE)[0]
     entries = show(model, processor, sample.image, sample.question, SHOW_METHODS, keep=keep)
     path = figure([sample.image], entries, vtprune.adapter_for(model), out / "show.png", processor=processor,
-                  title=f"{sample.question!r} (truth: {sample.answer!r}), {keep} visual tokens kept of 576")
+                  title=f"{sample.question!r} (truth: {sample.answer!r}), {keep} visual tokens kept of 576", dpi=90)
     print(f"wrote {path}")
 
 
