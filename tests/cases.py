@@ -23,6 +23,7 @@ class MethodCase:
     method: Any  # what prune() takes: a name, a method object or a list
     kwargs: dict = field(default_factory=dict)  # extra prune() kwargs (ratio / keep / layer / budget ...)
     merges: bool = False  # rewrites kept tokens' representations: no masked-forward reference
+    video: bool = False  # acts on videos only (images pass whole): its cells are the families that take video
 
     def prune(self, model, **override):
         return vtprune.prune(model, self.method, **{**self.kwargs, **override})
@@ -64,6 +65,9 @@ METHOD_CASES = [
     MethodCase("coverage@layer1", "coverage", {"ratio": 0.6, "layer": 1}),
     MethodCase("zeroth_order@layer1", vtprune.method("zeroth_order", m=8, layer=1), {"ratio": 0.5}),
     MethodCase("visionzip@layer1", "visionzip", {"keep": 6, "layer": 1}, merges=True),
+    # EVS keeps an image whole (one frame, vLLM's rule): it acts on the families whose prompts carry a video
+    MethodCase("evs", "evs", {"ratio": 0.5}, video=True),
+    MethodCase("evs@layer1", "evs", {"ratio": 0.5, "layer": 1}, video=True),
 ]
 
 
@@ -98,6 +102,13 @@ def _fill_matrix() -> None:
 _fill_matrix()
 
 ADAPTER_CASES = families()  # every registered family: a new adapter file joins the matrix by itself
+
+
+def runs_on(case: MethodCase, family: str) -> bool:
+    """Whether ``case`` belongs in ``family``'s row of the matrix (video-only methods: families taking video)."""
+    from vtprune.testing.tiny import _adapter_class
+
+    return not case.video or _adapter_class(family).video is not None
 ATTN = ["sdpa", "eager"]
 
 # Two prompts of different lengths (and, for LLaVA-NeXT / Qwen, different image grids): pruning leaves

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vtprune
-from cases import ADAPTER_CASES, ATTN, METHOD_CASES, TWO_IMAGES, MethodCase, is_mrope, rows_for, visual_of
+from cases import (ADAPTER_CASES, ATTN, METHOD_CASES, TWO_IMAGES, MethodCase, is_mrope, rows_for, runs_on,
+                   visual_of)
 from vtprune.compat import cache_out, with_cache
 from vtprune.testing.reference import generate_positions, masked_forward, pruned_rows
 from vtprune.testing.tiny import build, make_inputs
@@ -34,7 +35,8 @@ def model(request):
         pytest.fail("test left the model pruned")
 
 
-CELLS = [pytest.param((f, a), c, id=f"{f}-{a}-{c.id}") for f in ADAPTER_CASES for a in ATTN for c in METHOD_CASES]
+CELLS = [pytest.param((f, a), c, id=f"{f}-{a}-{c.id}") for f in ADAPTER_CASES for a in ATTN for c in METHOD_CASES
+         if runs_on(c, f)]
 MODELS = [pytest.param((f, a), id=f"{f}-{a}") for f in ADAPTER_CASES for a in ATTN]
 
 
@@ -120,7 +122,12 @@ def test_exact_counts_and_text_kept(model, case: MethodCase):
                 assert span.kept in (0, span.n), (stage.stage, span)
                 continue
             plain = type(step.method).keep_count is Method.keep_count and step.budget.policy != "temporal"
-            if plain:  # the plain budget: checked independently
+            if step.method.span == "video":  # a whole video per span, counted from its frames by the method
+                lay = stats.layout
+                on = (lay.image[span.row] == span.image) & lay.cand[span.row]
+                frames = int(lay.frame[span.row][on].unique().numel())
+                assert span.budget == min(span.n, step.method.video_count(step.budget, span.n, frames)), span
+            elif plain:  # the plain budget: checked independently
                 assert span.budget == step.budget.count(span.n), (stage.stage, span)
             assert span.kept == span.budget, (stage.stage, span)
         assert sum(s.n for s in stage.spans) == sum(stage.before)

@@ -293,7 +293,7 @@ def _all_signals(S: int = 2, N: int = 40, D: int = 16, Dv: int = 12, H: int = 2,
         prev_queries=r(S, N, H, d), prev_keys={"visual": r(S, N, H, d), "text": (r(S, T, H, d), mask)},
         text_tokens=(r(S, T, D), mask), final_norm=torch.nn.RMSNorm(D), padding_fraction=torch.zeros(S, N),
         transition=r(S, N).abs(), projector=torch.nn.Linear(Dv, D), grid=grid.expand(S, N, 3),
-        prompt_positions=torch.arange(N).expand(S, N) + 7, vit_depth=24,
+        prompt_positions=torch.arange(N).expand(S, N) + 7, vit_depth=24, frame=torch.zeros(S, N, dtype=torch.long),
     )
 
 

@@ -53,6 +53,8 @@ def test_configs_that_start(raw, llava_config):
     ({"method": "coverage", "keep": 64}, "prompt's text"),
     ({"method": "vscan", "keep": 64}, "adds an in-LLM step \\(vscan_drop\\)"),
     ({"method": "cdpruner", "keep": 64}, "prompt's text"),
+    ({"method": "evs", "ratio": 0.75}, "--video-pruning-method"),
+    ({"method": "vidcom2", "ratio": 0.75}, "--video-pruning-method"),
     ({"method": "kcenter", "keep": 64, "positions": "shifted"}, "positions"),
     ({"method": "random", "seed": -1, "keep": 64}, "seed"),
     ({"method": "cls_attention", "vit_layer": 9, "keep": 64}, "vit_layer=9"),

@@ -277,7 +277,7 @@ def plan(adapter: Adapter, method: str | Method | Sequence[str | Method], ratio:
         r, k = (m.ratio, m.keep) if own else (ratio, keep)
         if r is None and k is None:
             raise ValueError(f"method {m.name!r} has no budget: give prune(..., ratio=...) or keep=...")
-        b = Budget(ratio=r, keep=k, policy=budget)
+        b = Budget(ratio=r, keep=k, policy="per_image" if m.span == "video" else budget)
         if not m.layers:
             steps.append(Step(m, b, m.stage, None, newlines))
         for K in m.layers:  # layer 0's input IS the LLM input: it runs with the pre-LLM steps

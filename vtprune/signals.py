@@ -67,6 +67,7 @@ SIGNAL_TABLE: dict[str, SignalSpec] = {
                              "sublayers"),
     "projector": SignalSpec("the projector as a callable"),
     "grid": SignalSpec("(group, row, col) of each candidate in its image / frame grid"),
+    "frame": SignalSpec("video frame of each candidate (0 for images; Qwen: the temporal patch)"),
     "prompt_positions": SignalSpec("index of each candidate in its unpadded prompt"),
     "vit_depth": SignalSpec("number of layers of the vision tower (what depth-relative ViT layer defaults read)"),
 }
@@ -111,6 +112,8 @@ class Signals:
         rows: (S,) batch row of each span.
         positions: (S, N) positions of the candidates in the current sequence.
         ordinals: (S,) index of each span among the spans of its sample (stable under batching).
+        budget: the step's :class:`~vtprune.budget.Budget` (None on plain tensors unless given), for methods
+            whose reference reads the rate itself, not only the count (VidCom2's per-frame shares).
     """
 
     def __init__(
@@ -124,8 +127,10 @@ class Signals:
         ordinals: torch.Tensor,
         given: dict[str, Any] | None = None,
         owner: str = "",
+        budget: Any = None,
     ) -> None:
         self._source = source
+        self.budget = budget
         self.owner = owner  # the method reading these signals (for error messages)
         self.stage = stage
         self.layer = layer
@@ -135,7 +140,8 @@ class Signals:
         self._given = dict(given or {})
 
     @classmethod
-    def from_tensors(cls, *, stage: str = "input", layer: int | None = None, **signals: Any) -> Signals:
+    def from_tensors(cls, *, stage: str = "input", layer: int | None = None, budget: Any = None,
+                     **signals: Any) -> Signals:
         """Signals over plain tensors, for running a method without a model.
 
         Example::
@@ -146,7 +152,8 @@ class Signals:
         Each keyword is a signal of ``vtprune.types.SIGNALS`` with the shape its accessor documents; it
         serves every option of that accessor, or give a dict keyed by the option's value, e.g.
         ``prev_keys={"visual": keys, "text": (text_keys, text_mask)}``. Layer-stage methods want
-        ``stage="layer"``. tests/test_methods.py runs every registered method this way.
+        ``stage="layer"``; ``budget`` is the step's Budget for methods that read the rate.
+        tests/test_methods.py runs every registered method this way.
         """
         first = next((v for v in signals.values() if torch.is_tensor(v) and v.dim() >= 2), None)
         if first is None:
@@ -160,6 +167,7 @@ class Signals:
             positions=torch.arange(N, device=first.device).expand(S, N),
             ordinals=torch.zeros(S, dtype=torch.long, device=first.device),
             given=signals,
+            budget=budget,
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -327,6 +335,11 @@ class Signals:
     def vit_depth(self) -> int:
         """Layers of the model's vision tower (hidden-states indices run 0..vit_depth)."""
         return int(self._get("vit_depth"))
+
+    @cached_property
+    def frame(self) -> torch.Tensor:
+        """(S, N) long: each candidate's video frame (0 for an image; Qwen: its temporal patch)."""
+        return self._get("frame")
 
     @cached_property
     def grid(self) -> torch.Tensor:

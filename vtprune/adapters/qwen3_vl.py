@@ -82,7 +82,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         def wrap(original):
             def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
                 m = engine.current_layer_map()
-                if m is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+                # the model hands every layer the LLM input's mask; behind an in-LLM step the hidden states are the
+                # map's slots, even when re-padding left the length unchanged (a row keeping every token)
+                if m is not None:
                     visual_pos_masks, (visual_embeds,) = _cut_deepstack(
                         visual_pos_masks, [visual_embeds], m.index.clamp(min=0), m.valid)
                 return original(hidden_states, visual_pos_masks, visual_embeds)
@@ -106,12 +108,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def tiny_video(self, frames: int, image_size: tuple[int, int],
                    seed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
-        """Every temporal patch its own ``<t> VSTART VIDEO* VEND`` block (Qwen3-VL's get_rope_index splits the
-        video grid per frame)."""
+        """Every temporal patch its own ``<t> VSTART VIDEO* VEND`` block, the video ONE ``video_grid_thw`` row as
+        Qwen3-VL's processor gives it (get_rope_index splits it per frame)."""
         from vtprune.testing.tiny import TIMESTAMP, VEND, VIDEO, VSTART
 
         t = frames // self.config.vision_config.temporal_patch_size
         h, w = self.tiny_grid(image_size)
         ids = [TIMESTAMP, VSTART, *[VIDEO] * (h * w // 4), VEND] * t
         return ids, {"pixel_values_videos": self._tiny_pixels(t, h, w, seed),
-                     "video_grid_thw": torch.tensor([[1, h, w]] * t)}
+                     "video_grid_thw": torch.tensor([[t, h, w]])}

@@ -67,8 +67,13 @@ def select(step: Step, c: Candidates, source: SignalSource, num_layers: int, *, 
     per_frame = budget.policy in ("per_frame", "temporal")
     # a budget keeping the whole span (as the prompt had it) keeps it, whatever the method; otherwise the method
     # counts, also below the budget (schedules: PyramidDrop's later stages keep fewer than k)
-    ks = [n if budget.count(n0) >= n0 else min(n, method.keep_count(budget, n, n0, num_layers, step.layer))
-          for n, n0 in ((n, int(c.span_size[s])) for n, s in zip(counts_l, span_l))]
+    if method.span == "video":  # a whole video per span, counted by the method from its frames
+        pairs = torch.unique(torch.stack([ids, c.frame[b_idx, p_idx]]), dim=1)
+        frames = torch.bincount(pairs[0], minlength=int(c.span_size.numel())).tolist()
+        ks = [min(n, method.video_count(budget, int(c.span_size[s]), frames[s])) for n, s in zip(counts_l, span_l)]
+    else:
+        ks = [n if budget.count(n0) >= n0 else min(n, method.keep_count(budget, n, n0, num_layers, step.layer))
+              for n, n0 in ((n, int(c.span_size[s])) for n, s in zip(counts_l, span_l))]
     ordinals, seen = [], {}
     for r in rows_l:  # index of each span among the spans of its row (stable under batching)
         ordinals.append(seen.get(r, 0))
@@ -130,7 +135,8 @@ def _span_signals(step: Step, source: SignalSource, span_rows: tuple, spans: lis
     pos = torch.stack([p_idx[starts[s] : starts[s] + n] for s in spans])  # (S, n)
     return Signals(source, stage=step.label.split(":")[0], layer=step.layer,
                    rows=torch.tensor([rows_l[s] for s in spans], device=device), positions=pos,
-                   ordinals=torch.tensor([ordinals[s] for s in spans], device=device), owner=step.method.name)
+                   ordinals=torch.tensor([ordinals[s] for s in spans], device=device), owner=step.method.name,
+                   budget=step.budget)
 
 
 def _temporal(budget: Budget, counts: list[int], span_ids: list[int], owner: torch.Tensor,

@@ -69,6 +69,9 @@ class StageView:
     def _sig_grid(self, sig: Signals) -> torch.Tensor:
         return self.fwd.layout.grid[sig.rows[:, None], self._orig_of(sig)]
 
+    def _sig_frame(self, sig: Signals) -> torch.Tensor:
+        return self.fwd.layout.frame[sig.rows[:, None], self._orig_of(sig)]
+
     def _sig_instruction(self, sig: Signals) -> tuple[torch.Tensor, torch.Tensor]:
         sel = self._instruction_mask()[sig.rows]  # (S, L)
         T = max(int(sel.sum(1).max()), 1)

@@ -53,6 +53,9 @@ class Method:
     # layer=None on an in-LLM method: this schedule for a 32-layer LLM, scaled to the model's depth by resolve()
     # (validated as given here)
     reference_layers: ClassVar[tuple[int, ...]] = ()
+    # "video": a whole video is one span whatever ``budget=`` says (the method compares a video's frames) and keeps
+    # video_count() tokens; every image stays a span of its own (one frame)
+    span: ClassVar[str | None] = None
 
     ratio: float | None = None
     keep: int | None = None
@@ -123,6 +126,11 @@ class Method:
         ``n`` candidates now, ``n0`` in the prompt. The default is the budget's count of ``n``; methods
         whose papers count differently (average budgets, schedules, pivots) override it."""
         return budget.count(n)
+
+    def video_count(self, budget: Budget, n0: int, frames: int) -> int:
+        """Tokens a span of ``n0`` prompt candidates in ``frames`` frames keeps, for ``span="video"`` methods
+        (whose reference counts a whole video its own way). Default: the budget's count."""
+        return budget.count(n0)
 
     def validate(self) -> None:
         """Check method-specific fields; raise ValueError naming the bad value."""

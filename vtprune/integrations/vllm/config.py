@@ -113,6 +113,10 @@ def steps_for(cfg: PluginConfig, adapter: VllmAdapter) -> list[Step]:
             raise ValueError(f"vtprune: method {m.name!r} acts inside the LLM (its stage is 'layer'), which the vLLM "
                              "plugin does not do (see docs/vllm.md); use a vision or input stage method: "
                              f"{', '.join(sorted(vision_methods()))}")
+        if m.span == "video":
+            raise ValueError(f"vtprune: method {m.name!r} prunes videos, which the vLLM plugin does not serve; vLLM "
+                             "runs EVS and VidCom2 itself (--video-pruning-rate, --video-pruning-method), and "
+                             "vtprune's evs / vidcom2 select the same tokens (tests/vllm_host/test_video_prune.py)")
         depth = int(getattr(adapter.config.get_text_config(), "num_hidden_layers", 32))
         inner = [s.name for s in m.resolve(depth).expand(depth) if s.layers]
         if inner:

@@ -1,0 +1,177 @@
+"""Video pruners (EVS, VidCom2) on planted videos and inside the model: a whole video per span, vLLM's counts, the
+frames and tokens the papers' rules pick. Equality with vLLM's own functions: tests/vllm_host/test_video_prune.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.budget import Budget
+from vtprune.methods.evs import evs_scores
+from vtprune.methods.vidcom2 import gaussian_similarity, vidcom2_keep
+from vtprune.signals import Signals
+from vtprune.testing.tiny import Row, build, make_inputs
+
+
+def video_signals(x: torch.Tensor, T: int, h: int, w: int, ratio: float | None = None) -> Signals:
+    """One video span: x (T*h*w, D) in raster order."""
+    n = T * h * w
+    j = torch.arange(n)
+    frame = j // (h * w)
+    grid = torch.stack([frame, (j % (h * w)) // w, j % w], 1)
+    return Signals.from_tensors(tokens=x[None], grid=grid[None], frame=frame[None],
+                                budget=Budget(ratio=ratio) if ratio is not None else None)
+
+
+@pytest.mark.parametrize("ratio,n,T,evs,vidcom2", [
+    (0.7, 196 * 16, 16, 940, 940),  # int(), not round(): 940.8 -> 940 (vtprune's round keeps 941)
+    (0.9, 64 * 8, 8, 64, 51),  # EVS keeps at least one frame
+    (0.1, 64 * 8, 8, 460, 460),
+    (0.9, 100, 1, 100, 9),  # 1 - 0.9 is 0.0999...: 9, not 10
+    (0.99, 4 * 8, 8, 4, 8),  # VidCom2: at least a token per frame
+])
+def test_counts_are_vllms(ratio, n, T, evs, vidcom2):
+    b = Budget(ratio=ratio)
+    assert vtprune.method("evs").video_count(b, n, T) == evs
+    assert vtprune.method("vidcom2").video_count(b, n, T) == vidcom2
+
+
+def test_evs_keeps_the_first_frame_and_the_changed_patches():
+    T, h, w, D = 4, 3, 5, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(h * w, D, generator=g).repeat(T, 1)  # (T*h*w, D) a still video ...
+    moved = [(1, 7), (2, 3), (2, 11), (3, 0)]  # ... but for these (frame, patch) pairs
+    for t, p in moved:
+        x[t * h * w + p] = torch.randn(D, generator=g)
+    # a patch that changes differs from its previous frame, and so does the frame after it (it changes back)
+    changed = {(t, p) for t, p in moved} | {(t + 1, p) for t, p in moved if t + 1 < T}
+    k = h * w + len(changed)
+    keep = vtprune.method("evs").select(video_signals(x, T, h, w), k)[0]
+    assert keep.tolist() == sorted(set(range(h * w)) | {t * h * w + p for t, p in changed})
+
+
+def test_evs_breaks_ties_towards_the_earlier_token():
+    T, h, w, D = 3, 2, 2, 4
+    x = torch.eye(D).repeat(T, 1)  # one-hot patches repeated exactly: every later token scores exactly 0
+    keep = vtprune.method("evs").select(video_signals(x, T, h, w), 6)[0]
+    assert keep.tolist() == [0, 1, 2, 3, 4, 5]  # frame 0, then frame 1 in raster order
+
+
+def test_evs_scores_are_one_minus_cosine_to_the_previous_frame():
+    T, h, w, D = 3, 2, 3, 5
+    x = torch.randn(T * h * w, D, dtype=torch.float64)
+    s = evs_scores(x, T, h, w).view(T, h * w)
+    v = x.view(T, h * w, D)
+    cos = (v[1:] * v[:-1]).sum(-1) / (v[1:].norm(dim=-1) * v[:-1].norm(dim=-1))
+    assert torch.all(s[0] == 255)
+    torch.testing.assert_close(s[1:], 1 - cos)
+
+
+def _vidcom2_reference(x: torch.Tensor, T: int, base: float, target: int) -> set[int]:
+    """The paper's rule written out token by token in float64 (no ties on random input)."""
+    n, D = x.shape
+    tpf = n // T
+    x = x.double()
+    mean = x.mean(0)
+    var = ((x - mean) ** 2).mean(0)
+    low = sorted(range(D), key=lambda c: float(var[c]))[: max(1, int(D * 0.5))]
+    z = x[:, low]
+    z = z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    frames = [z[t * tpf:(t + 1) * tpf] for t in range(T)]
+    vid_c = z.mean(0)
+
+    def g(u: torch.Tensor, c: torch.Tensor) -> float:
+        d2 = float(((u - c) ** 2).sum())
+        return sum(math.exp(-d2 / (2 * a)) for a in (0.125, 0.25, 0.5, 1.0, 2.0))
+
+    v = [[g(u, vid_c) for u in f] for f in frames]
+    f = [[g(u, fr.mean(0)) for u in fr] for fr in frames]
+    score = [-sum(row) / tpf for row in v]
+    e = [math.exp((s - max(score)) / 0.01) for s in score]
+    p = [a / sum(e) for a in e]
+    ks = [min(tpf, max(1, round(tpf * min(1.0, base * (1 + pt - sum(p) / T))))) for pt in p]
+    sim = {t * tpf + i: v[t][i] + f[t][i] for t in range(T) for i in range(tpf)}
+    kept = set()
+    for t, k in enumerate(ks):
+        kept |= set(sorted(range(t * tpf, (t + 1) * tpf), key=lambda j: sim[j])[:k])
+    if len(kept) > target:
+        kept -= set(sorted(kept, key=lambda j: -sim[j])[: len(kept) - target])
+    else:
+        kept |= set(sorted(set(sim) - kept, key=lambda j: sim[j])[: target - len(kept)])
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("T,ratio", [(4, 0.75), (6, 0.5), (1, 0.8), (3, 0.9)])
+def test_vidcom2_equals_the_rule_written_out(seed, T, ratio):
+    g = torch.Generator().manual_seed(seed)
+    h, w, D = 3, 4, 10
+    x = torch.randn(T * h * w, D, generator=g, dtype=torch.float64)
+    x[: h * w] += 3 * torch.randn(D, generator=g, dtype=torch.float64)  # a frame unlike the rest
+    method = vtprune.method("vidcom2")
+    k = method.video_count(Budget(ratio=ratio), T * h * w, T)
+    keep = method.select(video_signals(x, T, h, w, ratio), k)[0]
+    assert set(keep.tolist()) == _vidcom2_reference(x, T, 1 - ratio, k)
+
+
+def test_vidcom2_gives_the_distinct_frame_more():
+    g = torch.Generator().manual_seed(1)
+    T, tpf, D = 4, 20, 16
+    x = torch.randn(tpf, D, generator=g).repeat(T, 1) + 0.05 * torch.randn(T * tpf, D, generator=g)
+    x[2 * tpf:3 * tpf] = torch.randn(tpf, D, generator=g)  # frame 2 is new
+    keep = vidcom2_keep(x, T, base=0.25, target=20)
+    per_frame = keep.view(T, tpf).sum(1).tolist()
+    assert sum(per_frame) == 20 and per_frame[2] == max(per_frame) and per_frame[2] > 5
+
+
+def test_gaussian_similarity_sums_the_bandwidths():
+    x, c = torch.randn(2, 3, 4), torch.randn(1, 1, 4)
+    d2 = ((x - c) ** 2).sum(-1)
+    want = sum(torch.exp(-d2 / (2 * a)) for a in (0.125, 0.25, 0.5, 1.0, 2.0))
+    torch.testing.assert_close(gaussian_similarity(x, c), want)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "llava_next_video"])
+@pytest.mark.parametrize("name", ["evs", "vidcom2"])
+def test_a_video_is_one_span_whatever_the_budget_says(family, name):
+    """The engine hands the method the whole video (vLLM's unit), counts it with the method's rule, and the
+    kept tokens are the method's choice on the video's LLM input embeddings."""
+    model = build(family)
+    inputs = make_inputs(model, [Row(before=3, after=2, seed=4, image_size=(56, 28), video_frames=4)])
+    captured = {}
+
+    def grab(module, args, kwargs):  # the LLM input of the unpruned model: what the method scores
+        captured.setdefault("embeds", kwargs["inputs_embeds"].clone())
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    with vtprune.prune(model, name, ratio=0.7, budget="per_frame") as h, torch.no_grad():
+        model(**inputs)
+        stats, lay = h.stats, h.stats.layout
+    video = lay.cand[0] & (lay.frame[0] >= 0) & (lay.image[0] == lay.image[0][lay.cand[0]].max())
+    pos = video.nonzero()[:, 0]
+    T = int(lay.frame[0][pos].unique().numel())
+    assert T > 1
+    (span,) = [s for s in stats.stages[0].spans if s.n == pos.numel()]  # one span: the video
+    k = vtprune.method(name).video_count(Budget(ratio=0.7), pos.numel(), T)
+    assert span.kept == span.budget == k
+    x = captured["embeds"][0, pos]
+    grid = lay.grid[0][pos]
+    sig = Signals.from_tensors(tokens=x[None], grid=grid[None], frame=lay.frame[0][pos][None], budget=Budget(ratio=0.7))
+    want = pos[vtprune.method(name).select(sig, k)[0]]
+    kept = set(stats.kept_positions[0].tolist())
+    assert {p for p in pos.tolist() if p in kept} == set(want.tolist())
+
+
+def test_evs_keeps_images_whole_and_vidcom2_prunes_them():
+    model = build("llava")
+    inputs = make_inputs(model, [Row(seed=0)])
+    for name, whole in (("evs", True), ("vidcom2", False)):
+        with vtprune.prune(model, name, ratio=0.5) as h, torch.no_grad():
+            model(**inputs)
+            assert (h.stats.visual_after == h.stats.visual_before) == whole
