@@ -68,6 +68,8 @@ METHOD_CASES = [
     # EVS keeps an image whole (one frame, vLLM's rule): it acts on the families whose prompts carry a video
     MethodCase("evs", "evs", {"ratio": 0.5}, video=True),
     MethodCase("evs@layer1", "evs", {"ratio": 0.5, "layer": 1}, video=True),
+    MethodCase("dycoke", "dycoke", {"ratio": 0.5}, video=True),  # + its stage 2 (dycoke_drop) at layer 1
+    MethodCase("dycoke-ttm@layer1", vtprune.method("dycoke", drop_layer=None, layer=1), {"ratio": 0.5}, video=True),
 ]
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vtprune
+from vtprune.budget import Budget
 from cases import ROWS
 from vtprune.methods.base import Method
 from vtprune.methods.kcenter import divprune
@@ -308,14 +309,21 @@ def test_every_registered_method_runs_on_plain_tensors(name):
     with torch.no_grad():
         method = vtprune.method(name, **_PLAIN_OPTIONS.get(name, {})).resolve(32)
         layer = method.layers[-1] if method.layers else None
-        sig = Signals.from_tensors(stage="layer" if layer is not None else method.stage, layer=layer,
-                                   **_all_signals())
-        out = method.select(sig, 7)
+        signals, k, budget = _all_signals(), 7, None
+        if method.span == "video":  # a video of 5 frames of 8, counted by the method's rule
+            signals["frame"] = (torch.arange(40) // 8).expand(2, 40)
+            signals["grid"] = torch.stack([torch.arange(40) // 8, torch.zeros(40, dtype=torch.long),
+                                           torch.arange(40) % 8], 1).expand(2, 40, 3)
+            budget = Budget(ratio=0.5)
+            k = method.video_count(budget, 40, 5)
+        sig = Signals.from_tensors(stage="layer" if layer is not None else method.stage, layer=layer, budget=budget,
+                                   **signals)
+        out = method.select(sig, k)
     sel = out if isinstance(out, vtprune.Selection) else vtprune.Selection(out)
-    assert sel.index.shape == (2, 7) and all(len(set(r.tolist())) == 7 for r in sel.index)
+    assert sel.index.shape == (2, k) and all(len(set(r.tolist())) == k for r in sel.index)
     assert int(sel.index.min()) >= 0 and int(sel.index.max()) < 40
     if sel.values is not None:
-        assert sel.values.shape == (2, 7, 16)
+        assert sel.values.shape == (2, k, 16)
     if sel.drop is not None:
         assert sel.drop.shape == (2,) and sel.drop.dtype == torch.bool
 

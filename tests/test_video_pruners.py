@@ -175,3 +175,55 @@ def test_evs_keeps_images_whole_and_vidcom2_prunes_them():
         with vtprune.prune(model, name, ratio=0.5) as h, torch.no_grad():
             model(**inputs)
             assert (h.stats.visual_after == h.stats.visual_before) == whole
+
+
+# ----------------------------------------------------------------------------------------------------- DyCoke
+def test_dycoke_frames_whole_and_pruned_as_the_reference_loops():
+    from vtprune.methods.dycoke import ttm_references
+
+    refs = ttm_references(32)
+    assert [t for t, r in enumerate(refs) if r is None] == [0, 4, 8, 12, 16, 20, 24, 28, 30]  # the F-4 bound
+    assert refs[1] == 0 and refs[2] == 0 and refs[3] == 2 and refs[31] == 30
+    # 9 whole frames of 196 + 23 frames keeping int(0.3 * 196) = 58: 49.4% of 6272, as the research notes count
+    assert vtprune.method("dycoke").video_count(Budget(ratio=0.7), 32 * 196, 32) == 9 * 196 + 23 * 58
+    assert ttm_references(5) == [None, 0, 0, 2, None]  # an odd count: the last frame stays whole
+
+
+def test_dycoke_keeps_the_cells_that_changed_against_the_reference_frame():
+    T, per, D = 6, 10, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(per, D, generator=g).repeat(T, 1) + 1e-3 * torch.randn(T * per, D, generator=g)
+    changed = {1: [2, 7], 2: [0, 9], 3: [4, 5], 5: [1, 3]}  # frame -> cells unlike its reference frame
+    for t, cells in changed.items():
+        for c in cells:
+            x[t * per + c] = torch.randn(D, generator=g)
+    for c in changed[2]:  # frame 3 is compared with frame 2: it carries frame 2's changes, so only its own differ
+        x[3 * per + c] = x[2 * per + c]
+    method = vtprune.method("dycoke", drop_layer=None)
+    budget = Budget(ratio=0.75)  # int(0.25 * 10) = 2 per pruned frame
+    k = method.video_count(budget, T * per, T)
+    assert k == 2 * per + 4 * 2  # frames 0 and 4 whole (ttm_references(6) = [None, 0, 0, 2, None, 4])
+    frame = (torch.arange(T * per) // per)[None]
+    keep = method.select(Signals.from_tensors(tokens=x[None], frame=frame, budget=budget), k)[0].tolist()
+    expect = set(range(per)) | set(range(4 * per, 5 * per)) | {t * per + c for t, cs in changed.items() for c in cs}
+    assert set(keep) == expect and keep == sorted(keep)
+
+
+def test_dycoke_stage_two_is_the_last_prompt_tokens_attention_over_the_video():
+    """dycoke_drop at layer K keeps the video's int(0.2 m) tokens FastV at K (per_image: the video as one span) would
+    keep at that count; images pass whole."""
+    model = build("qwen2_vl")
+    inputs = make_inputs(model, [Row(before=3, after=2, seed=4, image_size=(56, 28), video_frames=8)])
+    with vtprune.prune(model, vtprune.method("dycoke", drop_layer=2), ratio=0.5) as h, torch.no_grad():
+        model(**inputs)
+        stats = h.stats
+    (img, vid) = stats.stages[1].spans
+    assert img.kept == img.n and vid.kept == int((1 - 0.8) * vid.n)  # the reference's int((1 - p) m)
+    drop = vtprune.method("fastv", layer=2, keep=vid.kept)
+    with vtprune.prune(model, [vtprune.method("dycoke", drop_layer=None), drop], ratio=0.5,
+                       budget="per_image") as h2, torch.no_grad():
+        model(**inputs)
+    lay = stats.layout
+    video = set(((lay.image[0] == lay.image[0].max()) & lay.cand[0]).nonzero()[:, 0].tolist())
+    at2 = set(stats.positions_at(2)[0].tolist()) & video
+    assert len(at2) == vid.kept and at2 == set(h2.stats.positions_at(2)[0].tolist()) & video

@@ -70,7 +70,7 @@ def select(step: Step, c: Candidates, source: SignalSource, num_layers: int, *, 
     if method.span == "video":  # a whole video per span, counted by the method from its frames
         pairs = torch.unique(torch.stack([ids, c.frame[b_idx, p_idx]]), dim=1)
         frames = torch.bincount(pairs[0], minlength=int(c.span_size.numel())).tolist()
-        ks = [min(n, method.video_count(budget, int(c.span_size[s]), frames[s])) for n, s in zip(counts_l, span_l)]
+        ks = [min(n, method.video_count(budget, n, frames[s])) for n, s in zip(counts_l, span_l)]
     else:
         ks = [n if budget.count(n0) >= n0 else min(n, method.keep_count(budget, n, n0, num_layers, step.layer))
               for n, n0 in ((n, int(c.span_size[s])) for n, s in zip(counts_l, span_l))]

@@ -127,10 +127,10 @@ class Method:
         whose papers count differently (average budgets, schedules, pivots) override it."""
         return budget.count(n)
 
-    def video_count(self, budget: Budget, n0: int, frames: int) -> int:
-        """Tokens a span of ``n0`` prompt candidates in ``frames`` frames keeps, for ``span="video"`` methods
-        (whose reference counts a whole video its own way). Default: the budget's count."""
-        return budget.count(n0)
+    def video_count(self, budget: Budget, n: int, frames: int) -> int:
+        """Tokens a video span of ``n`` candidates in ``frames`` frames keeps, for ``span="video"`` methods (whose
+        reference counts a whole video its own way). Default: the budget's count."""
+        return budget.count(n)
 
     def validate(self) -> None:
         """Check method-specific fields; raise ValueError naming the bad value."""

@@ -83,9 +83,9 @@ class EVS(Method):
     span = "video"
     requires = frozenset({"tokens", "grid", "frame"})
 
-    def video_count(self, budget: Budget, n0: int, frames: int) -> int:
-        per_frame = n0 // max(frames, 1)
-        want = int(n0 * (1 - budget.ratio)) if budget.ratio is not None else min(budget.keep, n0)
+    def video_count(self, budget: Budget, n: int, frames: int) -> int:
+        per_frame = n // max(frames, 1)
+        want = int(n * (1 - budget.ratio)) if budget.ratio is not None else min(budget.keep, n)
         return max(per_frame, want)  # vLLM never keeps less than one frame
 
     def select(self, sig: Signals, k: int) -> torch.Tensor:

@@ -96,9 +96,9 @@ class VidCom2(Method):
     span = "video"
     requires = frozenset({"tokens", "frame"})
 
-    def video_count(self, budget: Budget, n0: int, frames: int) -> int:
-        want = int(n0 * (1.0 - budget.ratio)) if budget.ratio is not None else budget.keep
-        return max(frames, min(want, n0))  # at least a token per frame
+    def video_count(self, budget: Budget, n: int, frames: int) -> int:
+        want = int(n * (1.0 - budget.ratio)) if budget.ratio is not None else budget.keep
+        return max(frames, min(want, n))  # at least a token per frame
 
     def select(self, sig: Signals, k: int) -> torch.Tensor:
         x, frame, budget = sig.tokens, sig.frame, sig.budget  # (S, N, D), (S, N)
