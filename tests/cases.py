@@ -70,6 +70,8 @@ METHOD_CASES = [
     MethodCase("evs@layer1", "evs", {"ratio": 0.5, "layer": 1}, video=True),
     MethodCase("dycoke", "dycoke", {"ratio": 0.5}, video=True),  # + its stage 2 (dycoke_drop) at layer 1
     MethodCase("dycoke-ttm@layer1", vtprune.method("dycoke", drop_layer=None, layer=1), {"ratio": 0.5}, video=True),
+    MethodCase("fastvid", "fastvid", {"ratio": 0.5}, merges=True, video=True),
+    MethodCase("fastvid@layer1", "fastvid", {"ratio": 0.5, "layer": 1}, merges=True, video=True),
 ]
 
 

@@ -227,3 +227,63 @@ def test_dycoke_stage_two_is_the_last_prompt_tokens_attention_over_the_video():
     video = set(((lay.image[0] == lay.image[0].max()) & lay.cand[0]).nonzero()[:, 0].tolist())
     at2 = set(stats.positions_at(2)[0].tolist()) & video
     assert len(at2) == vid.kept and at2 == set(h2.stats.positions_at(2)[0].tolist()) & video
+
+
+# ----------------------------------------------------------------------------------------------------- FastVID
+def test_fastvid_cuts_at_the_lowest_frame_similarities_and_below_tau():
+    from vtprune.methods.fastvid import segments
+
+    g = torch.eye(6)[[0, 0, 1, 1, 1, 2]].float() + 0.01  # scene changes after frames 1 and 4
+    assert segments(g, c=3, tau=0.5) == [(0, 1), (2, 4), (5, 5)]
+    assert segments(g, c=1, tau=0.5) == [(0, 1), (2, 4), (5, 5)]  # every cut below tau
+    assert segments(g, c=1, tau=-1.0) == [(0, 5)]  # c = 1 and nothing below tau: one segment
+    assert segments(g[:1], c=8, tau=0.9) == [(0, 0)]
+
+
+def test_fastvid_keeps_salient_tokens_and_merges_context_as_the_paper():
+    """One segment of 3 frames (one anchor, the last): each frame keeps its S most salient tokens unchanged; the
+    anchor's C * 3 densest non-salient tokens carry 0.6 * themselves + 0.4 * the mean of the segment's non-salient
+    tokens nearest to them (cosine)."""
+    from vtprune.methods.sparsevlm import density_peaks
+
+    T, n, D = 3, 20, 6
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, D, generator=g)
+    x = base.repeat(T, 1) + 0.01 * torch.randn(T * n, D, generator=g)  # one scene: one segment
+    att = torch.rand(T * n, generator=g)
+    method = vtprune.method("fastvid", c=1)
+    budget = Budget(ratio=0.5)  # R = 10: S = 6 salient, C = 4 context per frame
+    k = method.video_count(budget, T * n, T)
+    frame = (torch.arange(T * n) // n)[None]
+    sel = method.select(Signals.from_tensors(tokens=x[None], frame=frame, received_attention=att[None],
+                                             budget=budget), k)
+    index, values = sel.index[0], sel.values[0]
+    assert k == T * 10 and index.tolist() == sorted(index.tolist())
+    salient = [set((att[t * n:(t + 1) * n].argsort(descending=True)[:6] + t * n).tolist()) for t in range(T)]
+    free = [i for i in range(2 * n, 3 * n) if i not in salient[2]]
+    _, score = density_peaks(x[free], 4)
+    context = {free[j] for j in score.argsort(descending=True)[:12].tolist()}
+    assert set(index.tolist()) == set().union(*salient) | context
+    sources = [i for i in range(T * n) if i not in set().union(*salient) and i not in context]
+    ctx = sorted(context)
+    sim = torch.nn.functional.normalize(x[sources], dim=-1) @ torch.nn.functional.normalize(x[ctx], dim=-1).T
+    owner = sim.argmax(-1)
+    for j, c in enumerate(ctx):
+        members = [sources[i] for i in (owner == j).nonzero()[:, 0].tolist()]
+        want = x[c] if not members else 0.6 * x[c] + 0.4 * x[members].mean(0)
+        got = values[index.tolist().index(c)]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for i in set().union(*salient):  # salient tokens unchanged
+        torch.testing.assert_close(values[index.tolist().index(i)], x[i])
+
+
+def test_fastvid_counts_exactly_and_passes_images_whole():
+    method = vtprune.method("fastvid")
+    assert method.video_count(Budget(ratio=0.9), 32 * 196, 32) == 32 * 19  # the paper's 19 of 196 at r = 10%
+    assert method.video_count(Budget(ratio=0.9), 196, 1) == 196
+    model = build("llava_onevision")
+    inputs = make_inputs(model, [Row(before=3, after=2, seed=4, image_size=(56, 28), video_frames=8)])
+    with vtprune.prune(model, "fastvid", ratio=0.5) as h, torch.no_grad():
+        model(**inputs)
+    (img, vid) = h.stats.stages[0].spans
+    assert img.kept == img.n and vid.kept == vid.budget == 8 * int(vid.n // 8 * 0.5)

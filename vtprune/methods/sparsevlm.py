@@ -82,17 +82,25 @@ def raters(v: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor) -> torch.Tens
     return (m > mean) & t_mask
 
 
-def dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN of one span's tokens x (m, D) into c clusters: (centres (c,) indices into x, assignment (m,))."""
+def density_peaks(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN of tokens x (m, D): (distances (m, m) = cdist / sqrt(D), score (m,) = delta * density), density from
+    the k nearest (self included), delta the distance to the nearest denser token. Ties in density go to the earlier
+    token (the references add random noise)."""
     m, D = x.shape
     dist = torch.cdist(x.float()[None], x.float()[None])[0] / D**0.5  # (m, m)
-    density = (-dist.topk(c, dim=-1, largest=False).values.pow(2).mean(-1)).exp()  # (m,)
+    density = (-dist.topk(min(k, m), dim=-1, largest=False).values.pow(2).mean(-1)).exp()  # (m,)
     order = torch.arange(m, device=x.device)
-    # j is denser than i if its density is higher, or equal and j comes first (the reference: random noise)
     same = density[None, :] == density[:, None]
     denser = (density[None, :] > density[:, None]) | (same & (order[None] < order[:, None]))
     delta = torch.where(denser, dist, dist.max()).min(-1).values  # (m,) distance to the nearest denser token
-    centres = torch.sort(delta * density, descending=True, stable=True).indices[:c]
+    return dist, delta * density
+
+
+def dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN of one span's tokens x (m, D) into c clusters (k = c neighbours, as SparseVLM): (centres (c,) indices
+    into x, assignment (m,))."""
+    dist, score = density_peaks(x, c)
+    centres = torch.sort(score, descending=True, stable=True).indices[:c]
     assign = dist[:, centres].argmin(-1)  # (m,)
     assign[centres] = torch.arange(c, device=x.device)  # a centre joins its own cluster
     return centres, assign
