@@ -72,6 +72,9 @@ METHOD_CASES = [
     MethodCase("dycoke-ttm@layer1", vtprune.method("dycoke", drop_layer=None, layer=1), {"ratio": 0.5}, video=True),
     MethodCase("fastvid", "fastvid", {"ratio": 0.5}, merges=True, video=True),
     MethodCase("fastvid@layer1", "fastvid", {"ratio": 0.5, "layer": 1}, merges=True, video=True),
+    MethodCase("holitom", "holitom", {"ratio": 0.5}, merges=True, video=True),  # + holitom_merge inside the LLM
+    MethodCase("holitom-outside@layer1", vtprune.method("holitom", merge_layer=None, layer=1), {"ratio": 0.5},
+               merges=True, video=True),
 ]
 
 

@@ -287,3 +287,75 @@ def test_fastvid_counts_exactly_and_passes_images_whole():
         model(**inputs)
     (img, vid) = h.stats.stages[0].spans
     assert img.kept == img.n and vid.kept == vid.budget == 8 * int(vid.n // 8 * 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------- HoliTom
+def test_holitom_segments_maximise_the_tokens_saved():
+    from vtprune.methods.holitom import holistic_segments, still_counts
+
+    # 5 frames of 4 cells: frames 0-2 share cells 0-2, frames 3-4 share every cell; 2 -> 3 is a cut
+    sim = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])  # (T-1, n)
+    saved = still_counts(sim, 0.8)
+    assert saved[0, 2] == 3 * 2 and saved[3, 4] == 4 and saved[0, 1] == 3 and saved[1, 3] == 0
+    segs, total = holistic_segments(saved)
+    assert segs == [(0, 2), (3, 4)] and total == 10
+    assert holistic_segments(still_counts(torch.zeros(3, 4), 0.8)) == ([(0, 0), (1, 1), (2, 2), (3, 3)], 0)
+
+
+def test_holitom_merges_still_cells_over_time_and_clusters_them():
+    """A video whose cells 0..5 never move and cells 6..11 change every frame: one segment; the still cells are
+    averaged over the frames, clustered, and stand in the first frame; moving cells are kept by attention."""
+    from vtprune.methods.holitom import cluster_merge
+
+    T, n, D = 3, 12, 8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, n, D, generator=g)
+    x[1:, :6] = x[0, :6] + 1e-4 * torch.randn(T - 1, 6, D, generator=g)  # still cells
+    att = torch.rand(T, n, generator=g)
+    method = vtprune.method("holitom", merge_layer=None)
+    k = 12  # of 36
+    frame = (torch.arange(T * n) // n)[None]
+    sel = method.select(Signals.from_tensors(tokens=x.reshape(1, T * n, D), frame=frame,
+                                             received_attention=att.reshape(1, -1), budget=Budget(keep=k)), k)
+    index, values = sel.index[0].tolist(), sel.values[0]
+    # saved = 6 still cells x 2 = 12: r' = 12 / (36 - 12) = 0.5 -> round(6 * 0.5) = 3 clusters and ceil(6 * 0.5) = 3
+    # moving cells per frame: 3 + 3 * 3 = 12 = k
+    centres, merged = cluster_merge(x[:, :6].mean(0), 3, 7, 0.6)
+    assert [i for i in index if i < n and i < 6] == centres.tolist()
+    for c, v in zip(centres.tolist(), merged):
+        torch.testing.assert_close(values[index.index(c)], v)
+    for t in range(T):
+        moving = [i - t * n for i in index if t * n + 6 <= i < (t + 1) * n]
+        assert sorted(moving) == sorted((att[t, 6:].argsort(descending=True)[:3] + 6).tolist())
+    assert len(index) == k
+
+
+def test_holitom_merge_inside_the_llm_is_the_pairwise_loop():
+    """Each dropped token folds into its most similar kept token in sequence order: h <- (h + h_j) / 2."""
+    from vtprune.methods.holitom import HoliTomMerge
+
+    S, N, D = 1, 6, 4
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(S, N, D, generator=g)
+    att = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.02, 0.03]])
+    sel = HoliTomMerge(layer=2).select(Signals.from_tensors(stage="layer", layer=2, tokens=h, text_attention=att), 2)
+    assert sel.index[0].tolist() == [1, 3]
+    hn = torch.nn.functional.normalize(h[0], dim=-1)
+    want = {1: h[0, 1].clone(), 3: h[0, 3].clone()}
+    for j in (0, 2, 4, 5):
+        t = 1 if float(hn[j] @ hn[1]) >= float(hn[j] @ hn[3]) else 3
+        want[t] = (want[t] + h[0, j]) / 2
+    torch.testing.assert_close(sel.values[0], torch.stack([want[1], want[3]]))
+
+
+def test_fastvid_context_an_anchor_cannot_hold_becomes_salient_tokens():
+    T, n, D = 4, 4, 5
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(n, D, generator=g).repeat(T, 1) + 0.01 * torch.randn(T * n, D, generator=g)  # one segment
+    att = torch.rand(T * n, generator=g)
+    method = vtprune.method("fastvid", c=1)
+    budget = Budget(ratio=0.1)  # R = 3 per frame: S = 2, C = 1; 4 context tokens, one anchor with 2 free tokens
+    k = method.video_count(budget, T * n, T)
+    sel = method.select(Signals.from_tensors(tokens=x[None], frame=(torch.arange(T * n) // n)[None],
+                                             received_attention=att[None], budget=budget), k)
+    assert k == 12 and len(set(sel.index[0].tolist())) == 12

@@ -35,7 +35,6 @@ Differences from the reference:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -136,10 +135,10 @@ class FastVID(Method):
                 context[t, mine] = True
                 self._merge(x, out, a, b, salient, t, mine)
             for t in range(b, a - 1, -1):  # context no anchor could hold: more salient tokens, latest frames first
-                take = min(spill, int((~salient[t] & ~context[t]).sum()))
+                rest = (~salient[t] & ~context[t]).nonzero()[:, 0]
+                take = min(spill, rest.numel())
                 if take:
-                    rest = torch.where(salient[t] | context[t], torch.full_like(att[t], -math.inf), att[t])
-                    salient[t, topk_stable(rest, take, owner=self.name)] = True
+                    salient[t, rest[topk_stable(att[t, rest], take, owner=self.name)]] = True
                     spill -= take
         keep = (salient | context).view(-1).nonzero()[:, 0]
         return keep, out.view(T * n, D)[keep]
