@@ -22,7 +22,7 @@ class MethodCase:
     id: str
     method: Any  # what prune() takes: a name, a method object or a list
     kwargs: dict = field(default_factory=dict)  # extra prune() kwargs (ratio / keep / layer / budget ...)
-    merges: bool = False  # rewrites kept tokens' representations: no masked-forward reference
+    merges: bool = False  # rewrites kept tokens' representations (the masked reference writes them too)
     video: bool = False  # acts on videos only (images pass whole): its cells are the families that take video
 
     def prune(self, model, **override):

@@ -168,8 +168,9 @@ def _check_newline_rule(model, inputs, stats):
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_matches_masked_reference(model, case: MethodCase, padding):
-    if case.merges:
-        pytest.skip("merging methods change kept representations; covered by test_methods.py")
+    """Merging methods too: the reference writes their merged representations (recorded per stage) at the kept
+    tokens' original positions, where and when the method acts; their values are checked per method on planted
+    inputs (the official weighted averages: tests/test_methods.py, test_image_pruners.py, test_video_pruners.py)."""
     inputs = make_inputs(model, rows_for(model), padding=padding)
     with case.prune(model) as handle:
         out = _logits(model, inputs)
@@ -201,8 +202,6 @@ def test_compact_positions_match_reference(model):
 # 5. cached generate == uncached masked reference ----------------------------------------------------------
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 def test_generate_matches_uncached_reference(model, case: MethodCase):
-    if case.merges:
-        pytest.skip("merging methods change kept representations; covered by test_methods.py")
     inputs = make_inputs(model, rows_for(model), padding="left")
     L = inputs["input_ids"].shape[1]
     with case.prune(model) as handle:

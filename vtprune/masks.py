@@ -91,7 +91,8 @@ def kept_masks(stats: PruneStats) -> list[ImageTokens]:
                              *(torch.isin(pos_cpu, s.kept_positions[b].cpu()) for s in stats.stages)])
         merged = torch.zeros_like(alive)
         for s, st in enumerate(stats.stages, 1):
-            merged[s] = (merged[s - 1] | torch.isin(pos_cpu, st.merged_positions[b].cpu())) & alive[s]
+            now = st.merged_positions[b].cpu() if st.merged_positions else pos_cpu[:0]
+            merged[s] = (merged[s - 1] | torch.isin(pos_cpu, now)) & alive[s]
         image, frame = lay.image[b, pos].cpu(), lay.frame[b, pos].cpu()
         grid, cand = lay.grid[b, pos].cpu(), lay.cand[b, pos].cpu()
         gridded = cand & (grid[:, 0] >= 0)

@@ -45,8 +45,10 @@ class StageStats:
     select_ms: float = 0.0  # wall time of scoring + selection (CUDA synchronised)
     # per sample, the ORIGINAL positions of the visual tokens present after this stage (structural ones included)
     kept_positions: list[torch.Tensor] = field(default_factory=list)
-    # per sample, the original positions of kept tokens whose representation this stage replaced (merging methods)
+    # per sample, the original positions of kept tokens whose representation this stage replaced (merging methods),
+    # ascending, and the representations written there (M, D): the input embedding, or layer K's input
     merged_positions: list[torch.Tensor] = field(default_factory=list)
+    merged_values: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def label(self) -> str:

@@ -44,14 +44,21 @@ def run_step(adapter: Adapter, step: Step, fwd: Forward, cur: IndexMap, tokens: 
 
 
 def _record(chosen: Selected, orig: torch.Tensor, visual: torch.Tensor) -> None:
-    """The stage's kept visual tokens and merged slots in original positions (what vtprune.masks draws)."""
+    """The stage's kept visual tokens and merged tokens (positions and values) in original positions, for
+    vtprune.masks and the merging methods' masked-forward reference."""
     kept = chosen.keep & visual  # (B, Lc)
-    merged = torch.zeros_like(kept)
-    if chosen.merged is not None:
-        rows, slots, _ = chosen.merged
-        merged[rows, slots] = True
-    chosen.stage.kept_positions = [orig[b][kept[b]] for b in range(kept.shape[0])]
-    chosen.stage.merged_positions = [orig[b][merged[b] & kept[b]] for b in range(kept.shape[0])]
+    B = kept.shape[0]
+    chosen.stage.kept_positions = [orig[b][kept[b]] for b in range(B)]
+    if chosen.merged is None:
+        return
+    rows, slots, vals = chosen.merged
+    positions, values = [], []
+    for b in range(B):
+        mine = (rows == b).nonzero()[:, 0]
+        order = torch.argsort(slots[mine])
+        positions.append(orig[b, slots[mine][order]])
+        values.append(vals[mine][order].detach())
+    chosen.stage.merged_positions, chosen.stage.merged_values = positions, values
 
 
 def run_pre_llm(adapter: Adapter, steps: list[Step], fwd: Forward, stats: PruneStats, *,

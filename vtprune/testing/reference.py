@@ -42,7 +42,8 @@ def masked_forward(
     compact: bool = False,
     differentiable: bool = False,
 ) -> torch.Tensor:
-    """Logits (B, L, V) of the unpatched ``model`` on ``inputs`` with each layer masked to the kept tokens.
+    """Logits (B, L, V) of the unpatched ``model`` on ``inputs`` with each layer masked to the kept tokens, and the
+    merged representations of merging methods written where and when they act (the LLM input, or layer K's input).
 
     ``compact=True`` re-indexes positions over the tokens kept at the LLM input (``positions="compact"``
     for input-stage pruning). ``differentiable=True`` keeps the autograd graph (the gradient reference).
@@ -66,6 +67,8 @@ def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: Prune
         first = torch.where(keep0, base, L * 10).min(1).values
         position_ids = torch.where(keep0, first[:, None] + keep0.long().cumsum(1) - 1, 0)
     handles = []
+    for l, writes in _merged_writes(stats).items():  # merging methods: their values at the layer they act
+        handles.append(layers[l].register_forward_pre_hook(_writing(writes), with_kwargs=True))
     for l, layer in enumerate(layers):
         mixer = getattr(layer, "linear_attn", None)
         if mixer is not None:  # a recurrent layer cannot mask a token out: run it on the present tokens only
@@ -81,6 +84,32 @@ def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: Prune
     finally:
         for h in handles:
             h.remove()
+
+
+def _merged_writes(stats: PruneStats) -> dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Decoder layer -> (row, original positions, values) a merging stage wrote into that layer's input (0: the LLM
+    input), in stage order."""
+    out: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for st in stats.stages:
+        layer = int(st.stage.split(":")[1]) if st.stage.startswith("layer:") else 0
+        for b, (pos, val) in enumerate(zip(st.merged_positions, st.merged_values)):
+            if pos.numel():
+                out.setdefault(layer, []).append((b, pos, val))
+    return out
+
+
+def _writing(writes: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Any:
+    """A layer pre-hook writing merged representations into its input hidden states at original positions."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        for b, pos, val in writes:
+            hidden[b, pos.to(hidden.device)] = val.to(hidden.device, hidden.dtype)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
 
 
 def _masking(present: torch.Tensor, fallback: torch.Tensor) -> Any:
