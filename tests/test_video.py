@@ -331,3 +331,17 @@ def test_import_vtprune_does_not_import_video_readers():
     code = ("import sys, vtprune, vtprune.video, vtprune.synthetic_video; "
             "assert not {'av', 'decord'} & set(sys.modules), sorted({'av', 'decord'} & set(sys.modules))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("method", ["evs", "vidcom2", "dycoke", "fastvid", "holitom"])
+def test_script_runs_the_video_methods(synthetic, tmp_path, method):
+    """Every video method through `vtprune video-qa` (a whole video per span, counted by the method's rule)."""
+    qa = _script()
+    out = tmp_path / method
+    assert qa.main(["--model", "tiny:qwen2_vl", "--data", str(synthetic / "annotations.json"), "--method", method,
+                    "--ratio", "0.75", "--frames", "8", "--out", str(out), "--max-new-tokens", "2", "--limit", "1",
+                    "--no-progress", "--save-overlays", "1"]) == 0
+    (rec,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    n, T = rec["visual_before"], 4  # 8 frames = 4 temporal patches
+    first = vtprune.method(method).video_count(Budget(ratio=0.75), n, T)
+    assert rec["visual_after"] <= first < n and (out / rec["overlay"]).is_file()
