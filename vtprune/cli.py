@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.show import main as show_main
 
         return show_main(argv[1:])
-    if argv[:1] == ["report"]:  # options in vtprune/report.py
+    if argv[:1] == ["report"]:  # options in vtprune/report.py (reading: vtprune/report_runs.py)
         from vtprune.report import main as report_main
 
         return report_main(argv[1:])
