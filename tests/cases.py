@@ -128,10 +128,23 @@ _ONEVISION_ROWS = [Row(before=3, after=4, seed=0, image_size=(200, 210)), _VIDEO
 TWO_IMAGES = Row(before=2, after=3, seed=2, images=2, image_size=(30, 30))
 
 
+# GLM-4.1V puts a video's frames on the image placeholder and scatters image and video features over the same
+# positions: transformers takes a batch of images or of videos, never both. Its matrix runs on videos (every method,
+# a span per temporal patch); tests/test_family_glm4v.py runs the matrix again on image prompts.
+_GLM4V_ROWS = [Row(before=3, after=4, seed=0, image_size=(40, 50), images=0, video_frames=4),
+               Row(before=6, after=2, seed=1, image_size=(56, 28), images=0, video_frames=6)]
+
+
 def rows_for(model) -> list[Row]:
     kind = model.config.model_type
     if kind == "llava_onevision":
         return _ONEVISION_ROWS
+    if kind == "glm4v":
+        return _GLM4V_ROWS
+    if kind == "gemma4":  # a video row where this transformers' Gemma-4 encodes videos (>= 5.25)
+        from vtprune.adapters.gemma4 import Gemma4Adapter
+
+        return _VIDEO_ROWS if Gemma4Adapter.video is not None else ROWS
     return _VIDEO_ROWS if kind.startswith("qwen") or kind == "llava_next_video" else ROWS
 
 
@@ -143,4 +156,11 @@ def visual_of(model, input_ids):
 
 
 def is_mrope(model) -> bool:
-    return model.config.model_type.startswith("qwen")
+    return model.config.model_type.startswith("qwen") or model.config.model_type == "glm4v"
+
+
+def plus_two_images(model, rows: list[Row]) -> list[Row]:
+    """``rows`` and TWO_IMAGES in one batch, unless the family cannot batch images with the rows' videos (GLM-4.1V)."""
+    if model.config.model_type == "glm4v" and any(r.video_frames for r in rows):
+        return list(rows)
+    return [*rows, TWO_IMAGES]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vtprune
-from cases import (ADAPTER_CASES, ATTN, METHOD_CASES, TWO_IMAGES, MethodCase, is_mrope, rows_for, runs_on,
+from cases import (ADAPTER_CASES, ATTN, METHOD_CASES, MethodCase, is_mrope, plus_two_images, rows_for, runs_on,
                    visual_of)
 from vtprune.compat import cache_out, with_cache
 from vtprune.testing.reference import generate_positions, masked_forward, pruned_rows
@@ -107,7 +107,7 @@ def test_context_manager_restores_on_exception(model):
 # 3. exact kept counts per span; no text token dropped ---------------------------------------------------
 @pytest.mark.parametrize("model,case", CELLS, indirect=["model"])
 def test_exact_counts_and_text_kept(model, case: MethodCase):
-    inputs = make_inputs(model, [*rows_for(model), TWO_IMAGES])
+    inputs = make_inputs(model, plus_two_images(model, rows_for(model)))
     with case.prune(model) as handle:
         _logits(model, inputs)
         stats = handle.stats
@@ -215,8 +215,8 @@ def test_generate_matches_uncached_reference(model, case: MethodCase):
         mask = torch.cat([inputs["attention_mask"], torch.ones(len(ids), step, dtype=torch.long)], 1)
         ref_inputs = {**inputs, "input_ids": ids, "attention_mask": mask}
         if "mm_token_type_ids" in inputs:  # generated tokens are text
-            ref_inputs["mm_token_type_ids"] = (ids == model.config.image_token_id).int() + 2 * (
-                ids == model.config.video_token_id).int()
+            types = inputs["mm_token_type_ids"]
+            ref_inputs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(len(ids), step)], 1)
         # generate() numbers a left-padded prompt from its first real token (Qwen's get_rope_index does
         # the same from the mask, so the model builds its own 3-D positions)
         positions = None if is_mrope(model) else generate_positions(mask)

@@ -5,7 +5,9 @@ InternVL's tile arrangement, Qwen's merged grid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,21 @@ def image_only(cls: type) -> type:
 QWEN_TOKENS = {"video_token": ("<|video_pad|>", tiny.VIDEO), "vision_start_token": ("<|vision_start|>", tiny.VSTART),
                "vision_end_token": ("<|vision_end|>", tiny.VEND)}
 QWEN_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@contextlib.contextmanager
+def torchvision_free(name: str, pil_module: Any) -> Any:
+    """Import a processor module whose top imports a helper from the torchvision image processor ``name``: the PIL
+    module stands in for it during the import (it defines the same helper), then ``sys.modules`` is restored."""
+    saved = sys.modules.get(name)
+    sys.modules[name] = pil_module
+    try:
+        yield
+    finally:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
 
 
 def llava(model: Any) -> Any:
@@ -149,6 +166,110 @@ def gemma3(model: Any) -> Any:
                            chat_template=template("<start_of_image>"))
 
 
+def smolvlm(model: Any) -> Any:
+    """SmolVLMProcessor without its video processor (torchvision) and num2words (a video's intro text): the
+    attributes its __init__ sets, then ProcessorMixin's; image splitting, prompt expansion and batching are its own.
+    32 px tiles, the longest side resized to 96 px (3 tiles) as real checkpoints resize it to 4 tiles."""
+    import transformers as T
+    from transformers import AutoProcessor, ProcessorMixin
+
+    from vtprune.adapters.smolvlm import FAKE, GLOBAL, row_col
+
+    class SmolVLMProcessorImageOnly(T.SmolVLMProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_len=169, chat_template=None, **kwargs):
+            self.fake_image_token, self.global_image_token = "<fake_token_around_image>", "<global-img>"
+            self.image_token, self.video_token, self.end_of_utterance_token = "<image>", "<video>", "<end_of_utterance>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.image_seq_len = image_seq_len
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+        apply_chat_template = ProcessorMixin.apply_chat_template  # SmolVLM's reads the video processor's settings
+
+    AutoProcessor.register("vtprune-test-SmolVLMProcessorImageOnly", SmolVLMProcessorImageOnly, exist_ok=True)
+    px = model.config.vision_config.image_size
+    ip = T.SmolVLMImageProcessorPil(size={"longest_edge": 3 * px}, max_image_size={"longest_edge": px})
+    rows = {f"row_{r}_col_{c}": (f"<row_{r}_col_{c}>", row_col(r, c)) for r in range(1, 7) for c in range(1, 7)}
+    tok = tokenizer("<image>", fake_image_token=("<fake_token_around_image>", FAKE),
+                    global_image_token=("<global-img>", GLOBAL), **rows)
+    return SmolVLMProcessorImageOnly(image_processor=ip, tokenizer=tok, image_seq_len=vtprune.adapter_for(
+        model).grid_side ** 2, chat_template=template("<image>"))
+
+
+def mistral3(model: Any) -> Any:
+    """PixtralProcessor with the PIL image processor: its module imports a resize helper from the torchvision image
+    processor (absent here) at the top, the PIL module defines the same function. A subclass names the settings
+    from_pretrained must pass back (patch_size, spatial_merge_size). Images up to 64 px (the tiny rotary table)."""
+    import transformers as T
+    from transformers import AutoProcessor
+    from transformers.models.pixtral import image_processing_pil_pixtral
+
+    with torchvision_free("transformers.models.pixtral.image_processing_pixtral", image_processing_pil_pixtral):
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+    class PixtralProcessorPil(PixtralProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, patch_size=16, spatial_merge_size=1,
+                     chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, patch_size=patch_size, spatial_merge_size=spatial_merge_size,
+                             chat_template=chat_template, **kwargs)
+
+    AutoProcessor.register("vtprune-test-PixtralProcessorPil", PixtralProcessorPil, exist_ok=True)
+    c = model.config
+    tok = tokenizer("[IMG]", image_break_token=("[IMG_BREAK]", tiny.VSTART), image_end_token=("[IMG_END]", tiny.VEND))
+    ip = T.PixtralImageProcessorPil(size={"longest_edge": c.vision_config.image_size})
+    return PixtralProcessorPil(image_processor=ip, tokenizer=tok, patch_size=c.vision_config.patch_size,
+                               spatial_merge_size=c.spatial_merge_size, chat_template=template("[IMG]"))
+
+
+def glm4v(model: Any) -> Any:
+    """Glm4vProcessor without its video processor (torchvision); its __init__ reads the begin / end of video tokens.
+    Its image processor falls back to the PIL one."""
+    import transformers as T
+
+    from vtprune.adapters.glm4v import BOI, EOI
+
+    vc = model.config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    ip = T.Glm4vImageProcessor(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                               temporal_patch_size=vc.temporal_patch_size,
+                               size={"shortest_edge": 4 * factor**2, "longest_edge": 40 * factor**2})
+    tok = tokenizer("<|image|>", video_token=("<|video|>", tiny.VIDEO),
+                    video_start_token=("<|begin_of_video|>", tiny.VSTART),
+                    video_end_token=("<|end_of_video|>", tiny.VEND), image_start_token=("<|begin_of_image|>", BOI),
+                    image_end_token=("<|end_of_image|>", EOI))
+    return image_only(T.Glm4vProcessor)(image_processor=ip, tokenizer=tok,
+                                        chat_template=template("<|begin_of_image|><|image|><|end_of_image|>"))
+
+
+def gemma4(model: Any) -> Any:
+    """Gemma4Processor without its video processor (torchvision) and audio feature extractor: the attributes its
+    __init__ sets, then ProcessorMixin's; resizing, patching and prompt expansion are its own. Its PIL image
+    processor; 5.19's processing module imports two names from the torchvision image processor, which the PIL module
+    defines alike."""
+    import transformers as T
+    from transformers import AutoProcessor, ProcessorMixin
+    from transformers.models.gemma4 import image_processing_pil_gemma4
+
+    with torchvision_free("transformers.models.gemma4.image_processing_gemma4", image_processing_pil_gemma4):
+        from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    class Gemma4ProcessorImageOnly(Gemma4Processor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=280, **kwargs):
+            self.image_seq_length = image_seq_length
+            self.image_token, self.image_token_id = tokenizer.image_token, tokenizer.image_token_id
+            self.boi_token, self.eoi_token = tokenizer.boi_token, tokenizer.eoi_token
+            self.video_token = self.video_token_id = self.audio_token = self.audio_token_id = None
+            self.audio_seq_length, self.audio_ms_per_token = 750, 40
+            self.boa_token, self.eoa_token = "<boa>", "<eoa>"  # unused; None would trip its validate_inputs
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    AutoProcessor.register("vtprune-test-Gemma4ProcessorImageOnly", Gemma4ProcessorImageOnly, exist_ok=True)
+    vc = model.config.vision_config
+    ip = T.Gemma4ImageProcessorPil(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
+                                   max_soft_tokens=70)
+    tok = tokenizer("<|image|>", boi_token=("<|image>", tiny.VSTART), eoi_token=("<image|>", tiny.VEND))
+    return Gemma4ProcessorImageOnly(image_processor=ip, tokenizer=tok, chat_template=template("<|image|>"))
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -167,6 +288,10 @@ CASES = {
     "qwen3_vl": Case("qwen3_vl", lambda m: qwen(m, "Qwen3VLProcessor"), (200, 90)),
     "internvl": Case("internvl", internvl, (240, 160)),
     "gemma3": Case("gemma3", gemma3, (90, 60)),
+    "gemma4": Case("gemma4", gemma4, (90, 60)),
+    "glm4v": Case("glm4v", glm4v, (200, 90)),
+    "mistral3": Case("mistral3", mistral3, (90, 60)),
+    "smolvlm": Case("smolvlm", smolvlm, (90, 60)),
 }
 
 
@@ -350,6 +475,27 @@ def test_a_single_tile_shows_the_seen_box(ckpt):
         assert tokens.grids[0].shape == (side, side)
 
 
+@only("gemma4")
+def test_gemma4_grid_covers_the_whole_picture(ckpt):
+    """Gemma-4's processor resizes the whole picture (aspect kept, sides floored to k * patch) and patchifies it:
+    its patch rows, put back by their positions, show the box grid_boxes draws (the whole picture), and the token
+    grid is the (Hp / k) x (Wp / k) blocks of those patches."""
+    image = picture(ckpt.case.size)
+    tokens, inputs = masks(ckpt, image)
+    (box,) = [b.box for b in ckpt.adapter.grid_boxes(len(tokens.grids), image.size, ckpt.processor)]
+    assert box == (0.0, 0.0, 1.0, 1.0)
+    vc = ckpt.model.config.vision_config
+    p, k = vc.patch_size, vc.pooling_kernel_size
+    pos, rows = inputs["image_position_ids"][0], inputs["pixel_values"][0]
+    real = (pos != -1).all(-1)
+    wp, hp = int(pos[real, 0].max()) + 1, int(pos[real, 1].max()) + 1
+    canvas = torch.zeros(hp, wp, p, p, 3)
+    canvas[pos[real, 1], pos[real, 0]] = rows[real].reshape(-1, p, p, 3)  # each row a (y, x, channel) patch
+    pixels = canvas.permute(4, 0, 2, 1, 3).reshape(3, hp * p, wp * p) * 255  # rescaled to [0, 1], no normalisation
+    assert_shows(torch.nn.functional.interpolate(pixels[None], size=(48, 48), mode="area")[0], image, box, "gemma4")
+    assert tokens.grids[0].shape == (hp // k, wp // k)
+
+
 @only("llava_next", "llava_next_video", "llava_onevision")
 def test_anyres_canvas_is_the_unpadded_feature_grid(ckpt):
     """The canvas grid is the unpadded (and, for OneVision, possibly down-sampled) feature grid transformers built:
@@ -409,7 +555,48 @@ def test_internvl_tiles_follow_the_processor(ckpt, size):
         assert_shows(shown(pixels[t], ckpt.processor), image, b.box, f"{size} tile {t}")
 
 
-@only("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+@only("smolvlm")
+@pytest.mark.parametrize("size", [(90, 60), (40, 100), (100, 100), (20, 30)])
+def test_smolvlm_tiles_follow_the_processor(ckpt, size):
+    """One grid per tile the processor cut (its rows x cols, raster, then the global view); grid_boxes places each
+    tile at its box of the picture, whose pixels the tile shows; the global view is the whole picture."""
+    image = picture(size)
+    tokens, inputs = masks(ckpt, image)
+    _, rows, cols = ckpt.processor.image_processor.get_number_of_image_patches(size[1], size[0])
+    pixels = inputs["pixel_values"][0]  # (tiles, 3, 32, 32)
+    assert pixels.shape[0] == len(tokens.grids) == (rows * cols + 1 if rows else 1)
+    assert all(g.shape == (ckpt.adapter.grid_side,) * 2 for g in tokens.grids)
+    boxes = ckpt.adapter.grid_boxes(len(tokens.grids), size, ckpt.processor)
+    want = [(c / cols, r / rows, (c + 1) / cols, (r + 1) / rows) for r in range(rows) for c in range(cols)]
+    assert torch.allclose(torch.tensor([b.box for b in boxes]), torch.tensor([*want, (0.0, 0.0, 1.0, 1.0)]))
+    assert [b.panel for b in boxes] == (["tiles"] * (rows * cols) + ["global view"] if rows else [""])
+    for t, b in enumerate(boxes):
+        assert_shows(shown(pixels[t], ckpt.processor), image, b.box, f"{size} tile {t}")
+
+
+@only("mistral3")
+@pytest.mark.parametrize("size", [(90, 60), (30, 70), (64, 64), (20, 12)])
+def test_pixtral_grid_is_the_resized_picture(ckpt, size):
+    """One grid of image_sizes // (patch * merge) showing the whole picture (resized, never cropped or padded), put
+    in the prompt as the processor's rows of [IMG] closed by [IMG_BREAK] / [IMG_END]: the tiny prompt's layout."""
+    from PIL import Image
+
+    image = picture(size)
+    tokens, inputs = masks(ckpt, image)
+    c = ckpt.model.config
+    f = c.vision_config.patch_size * c.spatial_merge_size
+    H, W = inputs["image_sizes"][0].tolist()
+    assert [g.shape for g in tokens.grids] == [(H // f, W // f)]
+    assert max(H, W) <= c.vision_config.image_size and 0.7 < (W / H) / (size[0] / size[1]) < 1.4
+    ids = inputs["input_ids"][0].tolist()
+    assert ids[ids.index(tiny.IMAGE): ids.index(tiny.VEND) + 1] == ckpt.adapter.tiny_image((H, W), seed=0)[0]
+    assert [b.box for b in ckpt.adapter.grid_boxes(1, size, ckpt.processor)] == [(0.0, 0.0, 1.0, 1.0)]
+    whole = torch.tensor(list(image.resize((W, H), Image.BICUBIC).getdata()), dtype=torch.float32).T.reshape(3, H, W)
+    err = (shown(inputs["pixel_values"][0, :, :H, :W], ckpt.processor) - whole).abs().mean().item()
+    assert err < 6, f"the processor's pixels differ from the whole picture by {err:.1f} on average"
+
+
+@only("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
 def test_qwen_grid_is_the_merged_patch_grid(ckpt):
     """One grid of (resized H / patch / merge) x (resized W / patch / merge) from the processor's image_grid_thw,
     over the whole picture (Qwen resizes, keeping the aspect ratio to a multiple of patch * merge, never crops)."""
@@ -421,3 +608,28 @@ def test_qwen_grid_is_the_merged_patch_grid(ckpt):
     W, H = image.size
     assert 0.7 < (w / h) / (W / H) < 1.4
     assert [b.box for b in ckpt.adapter.grid_boxes(1, image.size, ckpt.processor)] == [(0.0, 0.0, 1.0, 1.0)]
+
+
+def test_lmms_eval_generic_model_batches_each_prompts_images(ckpt):
+    """The generic lmms-eval model (``vtprune`` / ``HFVisionLanguageModel``) through the family's real processor:
+    lmms-eval requests for two documents with pictures of different sizes, answered pruned at batch size 2, get the
+    answers they get one at a time (each prompt gets its own images: SmolVLM's processor reads a flat image list as
+    one prompt's, and so do Gemma-3's and Gemma-4's)."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from vtprune.integrations.lmms_eval import VTPruneHF
+
+    W, H = ckpt.case.size
+    docs = [{"q": QUESTION, "image": picture((W, H))},
+            {"q": "Is it red ? Answer in one word .", "image": picture((H + 8, W), "grey")}]
+    requests = [Instance("generate_until", (d["q"], {"max_new_tokens": 3}, lambda doc: [doc["image"]], i, "t", "test"),
+                         idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+
+    def answers(batch_size: int) -> list[str]:
+        lm = VTPruneHF(pretrained=str(ckpt.dir), method="kcenter", ratio=0.5, device="cpu", dtype="float32",
+                       batch_size=batch_size)
+        lm.task_dict = {"t": {"test": docs}}
+        return lm.generate_until(requests)
+
+    assert answers(2) == answers(1)

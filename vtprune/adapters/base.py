@@ -321,6 +321,18 @@ class Adapter:
         """A layout when no feature call was seen (features passed in precomputed)."""
         return None
 
+    def image_spans(self, image: torch.Tensor, visual: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) long: the image (the span of a ``per_image`` budget) of every placeholder, -1 elsewhere, numbered
+        in prompt order across the batch. ``image``: the feature calls' images as placed; ``visual`` (B, L) bool:
+        the placeholders; ``input_ids`` (B, L): the prompt, None when the model got embeddings. Default: the
+        feature calls' images, or with ``images_are_runs`` one image per contiguous run of placeholders."""
+        if not self.images_are_runs:
+            return image
+        B, L = visual.shape
+        start = visual & ~torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=visual.device), visual[:, :-1]], 1)
+        run = torch.cumsum(start.reshape(-1).long(), 0).reshape(B, L) - 1
+        return torch.where(visual, run, -1)
+
     def grid_boxes(self, groups: int, image_size: tuple[int, int], processor: Any = None) -> list[GridBox]:
         """Where the ``groups`` grids of one image or video frame lie in its ``(width, height)`` picture, for
         drawing (``vtprune show``). Default: every grid shows the picture as the image processor does (its

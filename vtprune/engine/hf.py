@@ -177,9 +177,9 @@ class Engine:
             mask0 = self.adapter.padding_mask(mask, embeds, call.kwargs)
             records = {m: placed(self._encoded.get(call.encoded[m]) if m in call.encoded else call.produced.get(m),
                                  call.encoded.get(m), masks[m]) for m in masks}
-            layout, used = build_layout(self.adapter, masks, records)
-            ident = torch.arange(L, device=embeds.device).expand(B, L)
             ids = call.input_ids if call.input_ids is not None and call.input_ids.shape == (B, L) else None
+            layout, used = build_layout(self.adapter, masks, records, ids)
+            ident = torch.arange(L, device=embeds.device).expand(B, L)
             fwd = Forward(layout=layout, records=used, embeds=embeds, projected=embeds, mask0=mask0, input_ids=ids,
                           base=IndexMap(ident, torch.ones(B, L, dtype=torch.bool, device=embeds.device)))
             call.fwd, call.phase, call.last_layer = fwd, "prefill", -1

@@ -62,10 +62,11 @@ def placed(record: VisionRecord | None, given: Any, mask: torch.Tensor) -> Visio
     return record
 
 
-def build_layout(adapter: Adapter, masks: dict[str, torch.Tensor],
-                 records: dict[str, VisionRecord | None]) -> tuple[Layout, list[VisionRecord]]:
+def build_layout(adapter: Adapter, masks: dict[str, torch.Tensor], records: dict[str, VisionRecord | None],
+                 input_ids: torch.Tensor | None = None) -> tuple[Layout, list[VisionRecord]]:
     """Assign every placeholder its image, frame, grid cell and ViT source, modality by modality, in the
-    row-major order ``masked_scatter`` fills them. ``records``: the placed record of each modality."""
+    row-major order ``masked_scatter`` fills them. ``records``: the placed record of each modality; ``input_ids``
+    (B, L): the prompt, when the model got it (the adapter's :meth:`~Adapter.image_spans` may read it)."""
     first = next(iter(masks.values()))
     B, L = first.shape
     dev = first.device
@@ -110,10 +111,7 @@ def build_layout(adapter: Adapter, masks: dict[str, torch.Tensor],
         n_images += len(record.images)
         vit_offset += record.n_vit
         out.append(record)
-    if adapter.images_are_runs:  # one image = one contiguous run of placeholders (InternVL tiles)
-        start = visual & ~torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=dev), visual[:, :-1]], 1)
-        run = torch.cumsum(start.reshape(-1).long(), 0).reshape(B, L) - 1
-        fields["image"] = torch.where(visual, run, -1)
+    fields["image"] = adapter.image_spans(fields["image"], visual, input_ids)
     layout = Layout(visual=visual, cand=visual & fields["src"].ne(-1), image=fields["image"], frame=fields["frame"],
                     src=fields["src"], grid=grid, line=fields["line"], vtok=fields["vtok"])
     return layout, out

@@ -148,9 +148,12 @@ class StageView:
             return q_idx, torch.ones_like(q_idx, dtype=torch.bool)
         if query != "instruction":
             raise ValueError(f"text_attention: query={query!r}; allowed: 'last', 'instruction'")
-        vis = self.fwd.layout.visual.gather(1, ctx["orig"]).to(attend.device)  # (B, Lc)
-        last_vis = (vis.long() * (ar + 1)).argmax(1, keepdim=True)
-        sel = attend & ~vis & (ar[None] > last_vis)
+        visual = self.fwd.layout.visual  # (B, L) in original positions
+        vis = visual.gather(1, ctx["orig"]).to(attend.device)  # (B, Lc)
+        # "after the visual tokens" in ORIGINAL positions, as the `instruction` signal reads it: text inside an
+        # image (Mistral-3's [IMG_BREAK]) stays out when the image's last tokens were dropped by an earlier step
+        last_vis = (visual.long() * torch.arange(1, visual.shape[1] + 1, device=visual.device)).argmax(1, keepdim=True)
+        sel = attend & ~vis & (ctx["orig"].to(attend.device) > last_vis.to(attend.device))
         sel = torch.where(sel.any(1, keepdim=True), sel, attend & ~vis)
         T = int(sel.sum(1).max())
         q_idx = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :T]

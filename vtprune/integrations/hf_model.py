@@ -143,11 +143,14 @@ class HFVisionLanguageModel(lmms):
                              "image_token; cannot place the images in the prompt")
         return f"{image_token}\n" * n_images + context
 
-    def encode(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        """Processor outputs on the input device, floating tensors in the model's dtype."""
+    def encode(self, texts: list[str], images: list[list[Any]]) -> dict[str, Any]:
+        """Processor outputs on the input device, floating tensors in the model's dtype. ``images``: each prompt's
+        images, passed nested to the processor (SmolVLM's and Gemma's read a flat list as one prompt's)."""
+        if len(images) != len(texts):
+            raise ValueError(f"encode: {len(texts)} prompts but {len(images)} image lists (one per prompt)")
         kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-        if images:
-            kwargs["images"] = images
+        if any(images):
+            kwargs["images"] = images[0] if len(texts) == 1 else images
         batch = self.processor(**kwargs)
         dev, dtype = self.input_device, self._model.dtype
         out: dict[str, Any] = {}
@@ -187,7 +190,7 @@ class HFVisionLanguageModel(lmms):
                     doc = self.task_dict[task][split][doc_id]
                     imgs = self._images(doc_to_visual(doc), type(self).__name__)
                     texts.append(self.build_prompt(context, len(imgs)))
-                    images.extend(imgs)
+                    images.append(imgs)
                 gen_kwargs = dict(requests[chunk[0]].args[1])
                 for i, text in zip(chunk, self._generate(texts, images, gen_kwargs), strict=True):
                     out[i] = text
@@ -198,7 +201,7 @@ class HFVisionLanguageModel(lmms):
         return out
 
     @torch.inference_mode()
-    def _generate(self, texts: list[str], images: list[Any], gen_kwargs: dict[str, Any]) -> list[str]:
+    def _generate(self, texts: list[str], images: list[list[Any]], gen_kwargs: dict[str, Any]) -> list[str]:
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
@@ -233,8 +236,8 @@ class HFVisionLanguageModel(lmms):
             cont = continuation if isinstance(continuation, str) else continuation(doc)
             images = self._images(doc_to_visual(doc), type(self).__name__)
             prompt = self.build_prompt(context, len(images))
-            n_prompt = self.encode([prompt], images)["input_ids"].shape[1]
-            inputs = self.encode([prompt + cont], images)
+            n_prompt = self.encode([prompt], [images])["input_ids"].shape[1]
+            inputs = self.encode([prompt + cont], [images])
             ids = inputs["input_ids"][0]
             n_cont = ids.shape[0] - n_prompt
             if n_cont <= 0:

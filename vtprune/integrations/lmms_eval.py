@@ -10,6 +10,9 @@ model id               class
 ``vtprune_llava_hf``   lmms-eval's ``llava_hf`` (LLaVA-1.5 / NeXT / OneVision HF checkpoints)
 ``vtprune_qwen2_vl``   lmms-eval's ``qwen2_vl``; ``vtprune_qwen2_5_vl`` / ``vtprune_qwen3_vl`` alike
 ``vtprune_internvl_hf``  lmms-eval's ``internvl_hf`` (chat interface)
+``vtprune_mistral3_vl``  lmms-eval's ``mistral3_vl`` (Mistral-Small-3.1 / 3.2, Ministral-3 HF checkpoints)
+``vtprune_glm4v``      lmms-eval's ``glm4v`` (GLM-4.1V HF checkpoints)
+``vtprune_gemma4``     lmms-eval's ``gemma4`` (Gemma-4 HF checkpoints)
 =====================  ===========================================================================
 
 The wrappers subclass lmms-eval's own classes (so prompts, image handling and decoding are exactly
@@ -434,6 +437,9 @@ WRAPPED: dict[str, tuple[str, str, str]] = {
     "VTPruneQwen3VL": ("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL", "vtprune_qwen3_vl"),
     "VTPruneQwen3VLChat": ("lmms_eval.models.chat.qwen3_vl", "Qwen3_VL", "vtprune_qwen3_vl"),
     "VTPruneInternVLHf": ("lmms_eval.models.chat.internvl_hf", "InternVLHf", "vtprune_internvl_hf"),
+    "VTPruneMistral3VL": ("lmms_eval.models.simple.mistral3_vl", "Mistral3_VL", "vtprune_mistral3_vl"),
+    "VTPruneGlm4v": ("lmms_eval.models.simple.glm4v", "GLM4V", "vtprune_glm4v"),
+    "VTPruneGemma4": ("lmms_eval.models.simple.gemma4", "Gemma4", "vtprune_gemma4"),
 }
 
 

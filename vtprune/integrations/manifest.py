@@ -22,6 +22,9 @@ MODELS: dict[str, tuple[str | None, str | None]] = {
     "vtprune_qwen2_5_vl": ("VTPruneQwen2_5VL", "VTPruneQwen2_5VLChat"),
     "vtprune_qwen3_vl": ("VTPruneQwen3VL", "VTPruneQwen3VLChat"),
     "vtprune_internvl_hf": (None, "VTPruneInternVLHf"),
+    "vtprune_mistral3_vl": ("VTPruneMistral3VL", None),
+    "vtprune_glm4v": ("VTPruneGlm4v", None),
+    "vtprune_gemma4": ("VTPruneGemma4", None),
 }
 
 _MODULE = "vtprune.integrations.lmms_eval"

@@ -54,7 +54,8 @@ def masked_forward(
 
 def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: PruneStats,
                     position_ids: torch.Tensor | None, compact: bool) -> torch.Tensor:
-    lm = model.model.language_model
+    inner = model.model
+    lm = inner.language_model if hasattr(inner, "language_model") else inner.text_model  # SmolVLM / Idefics3
     layers: Sequence[torch.nn.Module] = lm.layers
     B, L = inputs["input_ids"].shape if "input_ids" in inputs else inputs["inputs_embeds"].shape[:2]
     am = inputs.get("attention_mask")
@@ -68,7 +69,10 @@ def _masked_forward(model: torch.nn.Module, inputs: dict[str, Any], stats: Prune
         position_ids = torch.where(keep0, first[:, None] + keep0.long().cumsum(1) - 1, 0)
     handles = []
     for l, writes in _merged_writes(stats).items():  # merging methods: their values at the layer they act
-        handles.append(layers[l].register_forward_pre_hook(_writing(writes), with_kwargs=True))
+        # the LLM input is written where the language model takes it: a family may read its input embeddings
+        # beyond the residual stream (Gemma-4's per-layer inputs)
+        target, key = (lm, "inputs_embeds") if l == 0 else (layers[l], "hidden_states")
+        handles.append(target.register_forward_pre_hook(_writing(writes, key), with_kwargs=True))
     for l, layer in enumerate(layers):
         mixer = getattr(layer, "linear_attn", None)
         if mixer is not None:  # a recurrent layer cannot mask a token out: run it on the present tokens only
@@ -98,16 +102,17 @@ def _merged_writes(stats: PruneStats) -> dict[int, list[tuple[int, torch.Tensor,
     return out
 
 
-def _writing(writes: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Any:
-    """A layer pre-hook writing merged representations into its input hidden states at original positions."""
+def _writing(writes: list[tuple[int, torch.Tensor, torch.Tensor]], key: str = "hidden_states") -> Any:
+    """A pre-hook writing merged representations into a module's input ``key`` (a decoder layer's hidden states, the
+    language model's input embeddings) at original positions."""
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden = (kwargs[key] if key in kwargs else args[0]).clone()
         for b, pos, val in writes:
             hidden[b, pos.to(hidden.device)] = val.to(hidden.device, hidden.dtype)
-        if args:
+        if key not in kwargs:
             return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return args, {**kwargs, key: hidden}
 
     return hook
 
