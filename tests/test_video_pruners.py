@@ -330,6 +330,29 @@ def test_holitom_merges_still_cells_over_time_and_clusters_them():
     assert len(index) == k
 
 
+def test_holitom_counts_exactly_on_a_still_video():
+    """Found by the synthetic video model (one object, 129 still cells of 144): a video whose every cell stays still
+    can hold at most n clusters in its first frame; a budget beyond that keeps still cells of later frames, unmerged,
+    by attention, so the count stays exact."""
+    T, n, D = 4, 16, 8
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, n, D, generator=g).expand(T, n, D) + 1e-4 * torch.randn(T, n, D, generator=g)
+    x[:, 0] = torch.randn(T, D, generator=g)  # one moving cell
+    att = torch.rand(T, n, generator=g)
+    frame = (torch.arange(T * n) // n)[None]
+    k = 30  # of 64: 15 still clusters + 4 moving cells = 19 at most without later frames
+    sel = vtprune.method("holitom", merge_layer=None).select(
+        Signals.from_tensors(tokens=x.reshape(1, T * n, D), frame=frame, received_attention=att.reshape(1, -1),
+                             budget=Budget(keep=k)), k)
+    index = sel.index[0]
+    assert index.numel() == k == index.unique().numel()
+    later = sorted(i for i in index.tolist() if i >= n and i % n)  # still cells beyond the first frame
+    expect = (att[1:, 1:].reshape(-1).argsort(descending=True, stable=True)[: k - n - (T - 1)])  # 15 + 1 in frame 0
+    assert later == sorted(((expect // (n - 1) + 1) * n + expect % (n - 1) + 1).tolist())
+    for i in later:  # unmerged: the token itself
+        torch.testing.assert_close(sel.values[0][index.tolist().index(i)], x.reshape(T * n, D)[i])
+
+
 def test_holitom_merge_inside_the_llm_is_the_pairwise_loop():
     """Each dropped token folds into its most similar kept token in sequence order: h <- (h + h_j) / 2."""
     from vtprune.methods.holitom import HoliTomMerge

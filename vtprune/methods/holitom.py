@@ -21,7 +21,8 @@ the video keeps the round((1 - m) v) of its v tokens the last prompt token atten
 Differences from the reference:
   * The count is exact: a video keeps vtprune's budget count of its tokens (``ratio`` = 1 - RETAIN_RATIO). The
     reference's ceil / round per frame and segment miss it by a few tokens; vtprune trims or adds moving tokens by
-    attention (over the whole video) to land on it, and fewer still clusters if that is not enough.
+    attention (over the whole video) to land on it, then fewer (or more) still clusters, and when a mostly still
+    video has no cell left to cluster, still cells of a segment's later frames, unmerged, by attention.
   * Saliency: the vision tower's received attention of its feature layer (the reference: SigLIP's last layer,
     computed with eager attention; vtprune recomputes it from q/k).
   * In the LLM: scored by the last prompt token's attention recomputed from layer K-1's q/k (the reference asks that
@@ -178,6 +179,15 @@ class HoliTom(Method):
             c2 = min(cells.numel(), max(0, c - (planned - k)))
             planned += c2 - c
             still_of[j] = (a, cells, c2)
+        if planned < k:  # every cell of every first frame is in (a mostly still video): still cells of later frames
+            later = torch.zeros_like(keep)
+            for a, cells, _ in still_of:
+                b = next(e for s_, e in segs if s_ == a)
+                later[a + 1 : b + 1, cells] = True
+            free = later.view(-1).nonzero()[:, 0]
+            add = free[topk_stable(flat_att[free], min(k - planned, free.numel()), owner=self.name)]
+            flat_keep[add] = True  # as themselves: their cell's cluster stands in the first frame
+            planned += add.numel()
         for a, cells, c in still_of:
             if c == 0:
                 continue
