@@ -115,6 +115,8 @@ def runs_on(case: MethodCase, family: str) -> bool:
     """Whether ``case`` belongs in ``family``'s row of the matrix (video-only methods: families taking video)."""
     from vtprune.testing.tiny import _adapter_class
 
+    if family in PROMPT_VARIANTS:
+        return not case.video
     return not case.video or _adapter_class(family).video is not None
 ATTN = ["sdpa", "eager"]
 
@@ -129,13 +131,41 @@ TWO_IMAGES = Row(before=2, after=3, seed=2, images=2, image_size=(30, 30))
 
 
 # GLM-4.1V puts a video's frames on the image placeholder and scatters image and video features over the same
-# positions: transformers takes a batch of images or of videos, never both. Its matrix runs on videos (every method,
-# a span per temporal patch); tests/test_family_glm4v.py runs the matrix again on image prompts.
+# positions: transformers takes a batch of images or of videos, never both. Its matrix row runs on videos (every
+# method, a span per temporal patch); the "glm4v-images" row (PROMPT_VARIANTS) runs it again on image prompts.
 _GLM4V_ROWS = [Row(before=3, after=4, seed=0, image_size=(40, 50), images=0, video_frames=4),
                Row(before=6, after=2, seed=1, image_size=(56, 28), images=0, video_frames=6)]
 
 
+@dataclass(frozen=True)
+class PromptVariant:
+    """A second matrix row of a family, on other prompts (images only: video-only methods are not in it)."""
+
+    family: str
+    rows: tuple[Row, ...]
+
+
+#: Families whose one row of the matrix cannot cover every modality (a batch holds one) get extra rows.
+PROMPT_VARIANTS = {"glm4v-images": PromptVariant("glm4v", tuple(ROWS))}
+#: The invariant matrix's rows: every family, then the prompt variants.
+MATRIX_CASES = [*ADAPTER_CASES, *PROMPT_VARIANTS]
+_VARIANT_OF: dict[int, PromptVariant] = {}  # id(model) -> its variant, for models built by build_case
+
+
+def build_case(name: str, attn: str) -> torch.nn.Module:
+    """The tiny model of a matrix row (a family, or a prompt variant of one, whose rows ``rows_for`` then gives)."""
+    from vtprune.testing.tiny import build
+
+    variant = PROMPT_VARIANTS.get(name)
+    model = build(variant.family if variant else name, attn)
+    if variant:
+        _VARIANT_OF[id(model)] = variant
+    return model
+
+
 def rows_for(model) -> list[Row]:
+    if id(model) in _VARIANT_OF:
+        return list(_VARIANT_OF[id(model)].rows)
     kind = model.config.model_type
     if kind == "llava_onevision":
         return _ONEVISION_ROWS

@@ -16,7 +16,7 @@ import torch
 import test_adapters as ta
 import test_invariants as inv
 import vtprune
-from cases import ATTN, METHOD_CASES, ROWS, TWO_IMAGES, MethodCase, rows_for
+from cases import ROWS, TWO_IMAGES, rows_for
 from vtprune.adapters.base import Adapter
 from vtprune.budget import Budget
 from vtprune.testing.tiny import Row, make_inputs
@@ -131,59 +131,12 @@ def test_received_attention_is_a_distribution_per_frame():
     torch.testing.assert_close(got["received"].sum(-1), torch.ones(2), atol=1e-5, rtol=0)
 
 
-# --------------------------------------------------------------------------------- the matrix on image prompts
-IMAGE_CASES = [c for c in METHOD_CASES if not c.video]
-_PER_CELL = {
-    "ratio_zero": inv.test_ratio_zero_is_bit_identical,
-    "remove": inv.test_remove_restores_everything,
-    "counts": inv.test_exact_counts_and_text_kept,
-    "reference-left": lambda m, c: inv.test_matches_masked_reference(m, c, "left"),
-    "reference-right": lambda m, c: inv.test_matches_masked_reference(m, c, "right"),
-    "generate": inv.test_generate_matches_uncached_reference,
-    "batch-left": lambda m, c: inv.test_batch_equals_single_rows(m, c, "left"),
-    "batch-right": lambda m, c: inv.test_batch_equals_single_rows(m, c, "right"),
-}
-_PER_MODEL = {
-    "manual_decode": inv.test_manual_decode_loop_matches_generate,
-    "batch_generate": inv.test_batch_generate_equals_single_rows,
-    "beam_search": inv.test_beam_search_and_multiple_returns,
-    "compact_refused": inv.test_compact_positions_match_reference,
-}
-
-
-@pytest.fixture
-def image_prompts(monkeypatch):
-    """test_invariants' tests on GLM-4.1V image prompts (the two matrix rows, plus TWO_IMAGES where it adds it)."""
-    monkeypatch.setattr(inv, "rows_for", lambda model: ROWS)
-    yield
-    for attn in ATTN:
-        if _model(attn).__dict__.get("_vtprune_handle") is not None:
-            _model(attn).__dict__["_vtprune_handle"].remove()
-            pytest.fail("test left the model pruned")
-
-
-@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c.id for c in IMAGE_CASES])
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("invariant", list(_PER_CELL))
-def test_invariant_matrix_on_image_prompts(image_prompts, invariant: str, attn: str, case: MethodCase):
-    _PER_CELL[invariant](_model(attn), case)
-
-
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("invariant", list(_PER_MODEL))
-def test_model_invariants_on_image_prompts(image_prompts, invariant: str, attn: str):
-    _PER_MODEL[invariant](_model(attn))
-
-
-@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c.id for c in IMAGE_CASES])
-def test_sdpa_matches_eager_on_image_prompts(image_prompts, case: MethodCase):
-    inv.test_sdpa_matches_eager("glm4v", case)
-
-
 def test_matrix_rows_are_videos_and_image_rows_images():
-    """The two halves above cover both modalities (a batch holds one)."""
+    """The invariant matrix covers both modalities (a batch holds one): GLM-4.1V's row on videos, its "glm4v-images"
+    row on images."""
     assert all(r.video_frames and not r.images for r in rows_for(_model()))
-    assert all(r.images and not r.video_frames for r in ROWS)
+    images = inv._model("glm4v-images", "sdpa")
+    assert images is not _model() and all(r.images and not r.video_frames for r in rows_for(images))
 
 
 # --------------------------------------------------------------------------------------------- video inputs

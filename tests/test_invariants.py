@@ -10,18 +10,18 @@ import pytest
 import torch
 
 import vtprune
-from cases import (ADAPTER_CASES, ATTN, METHOD_CASES, MethodCase, is_mrope, plus_two_images, rows_for, runs_on,
-                   visual_of)
+from cases import (ATTN, MATRIX_CASES, METHOD_CASES, MethodCase, build_case, is_mrope, plus_two_images, rows_for,
+                   runs_on, visual_of)
 from vtprune.compat import cache_out, with_cache
 from vtprune.testing.reference import generate_positions, masked_forward, pruned_rows
-from vtprune.testing.tiny import build, make_inputs
+from vtprune.testing.tiny import make_inputs
 
 ATOL, RTOL = 2e-5, 1e-4
 
 
 @functools.cache
 def _model(family: str, attn: str) -> torch.nn.Module:
-    return build(family, attn)
+    return build_case(family, attn)
 
 
 @pytest.fixture
@@ -35,9 +35,9 @@ def model(request):
         pytest.fail("test left the model pruned")
 
 
-CELLS = [pytest.param((f, a), c, id=f"{f}-{a}-{c.id}") for f in ADAPTER_CASES for a in ATTN for c in METHOD_CASES
+CELLS = [pytest.param((f, a), c, id=f"{f}-{a}-{c.id}") for f in MATRIX_CASES for a in ATTN for c in METHOD_CASES
          if runs_on(c, f)]
-MODELS = [pytest.param((f, a), id=f"{f}-{a}") for f in ADAPTER_CASES for a in ATTN]
+MODELS = [pytest.param((f, a), id=f"{f}-{a}") for f in MATRIX_CASES for a in ATTN]
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -278,7 +278,7 @@ def test_batch_generate_equals_single_rows(model):
 
 
 # 7. sdpa ~ eager, and pruning never switches the model to eager / output_attentions ----------------------
-@pytest.mark.parametrize("family", ADAPTER_CASES)
+@pytest.mark.parametrize("family", MATRIX_CASES)
 @pytest.mark.parametrize("case", METHOD_CASES, ids=[c.id for c in METHOD_CASES])
 def test_sdpa_matches_eager(family, case: MethodCase):
     inputs = make_inputs(_model(family, "sdpa"), rows_for(_model(family, "sdpa")))

@@ -228,7 +228,8 @@ class Adapter:
     def feature_hidden_index(self, vit_layer: int | None) -> int:
         """Normalised hidden-states index (0 = embeddings) of ``vit_layer`` (None: the feature layer)."""
         n = self.num_vit_layers()
-        layer = self.config.vision_feature_layer if vit_layer is None else vit_layer
+        # a config without a feature layer (Gemma, SmolVLM) feeds the projector the last one (then post-layernorm)
+        layer = getattr(self.config, "vision_feature_layer", n) if vit_layer is None else vit_layer
         if isinstance(layer, (list, tuple)):  # multi-layer features: score with the deepest one
             layer = max(li % (n + 1) for li in layer)
         if not -(n + 1) <= layer <= n:

@@ -12,7 +12,7 @@ sliding cache holds at decode, so prefill and decode agree (cutting HF's origina
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import masking_utils
@@ -39,13 +39,6 @@ class Gemma3Adapter(LlavaAdapter):
     @property
     def has_cls(self) -> bool:  # type: ignore[override]
         return False
-
-    def feature_hidden_index(self, vit_layer: int | None) -> int:
-        n = len(self.vit_layers())
-        layer = n if vit_layer is None else vit_layer  # features: the last layer (then post_layernorm)
-        if not -(n + 1) <= layer <= n:
-            raise ValueError(f"vit_layer={layer} is out of range for a {n}-layer vision tower (use -{n + 1}..{n})")
-        return layer % (n + 1)
 
     def _grid(self) -> tuple[int, int]:
         """(patches per side P, LLM tokens per side g): each token pools a (P / g)^2 block of patches."""
@@ -138,10 +131,11 @@ class Gemma3Adapter(LlavaAdapter):
         types = self._types(cut.vlm_kwargs, cut.orig, cut.kv_valid)
         return self._masks(cut.hidden, cut.mask2d, None, None, types)[kind]
 
-    @staticmethod
-    def _types(vlm_kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
-        """The kept tokens' ``token_type_ids`` (1 image), padding slots 0 (never in an image block)."""
-        types = vlm_kwargs.get("token_type_ids")
+    token_types_key: ClassVar[str] = "token_type_ids"  # the VLM input marking each token's modality (1 image)
+
+    def _types(self, vlm_kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """The kept tokens' token types, padding slots 0 (never in an image block)."""
+        types = vlm_kwargs.get(self.token_types_key)
         return None if types is None else types.gather(1, index.to(types.device)) * valid.to(types.device)
 
     def _masks(self, embeds: torch.Tensor, mask2d: torch.Tensor, cache: Any, positions: Any,

@@ -177,6 +177,7 @@ class Gemma4Adapter(Gemma3Adapter):
                   "video": ("get_video_features", "video_token_id")}
     video = Gemma4Video() if video_forward_supported() else None  # None: no video rows / video-qa on 5.19
     derives_decode_positions = True  # given none, the VLM numbers a decode step from the (pruned) cache length
+    token_types_key = "mm_token_type_ids"  # 1 image, 2 video, 3 audio
 
     @property
     def projector(self) -> nn.Module:
@@ -314,12 +315,6 @@ class Gemma4Adapter(Gemma3Adapter):
         return Projector(self.projector)
 
     # ------------------------------------------------------------------ the language model's inputs
-    @staticmethod
-    def _types(vlm_kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
-        """The kept tokens' ``mm_token_type_ids`` (1 image, 2 video, 3 audio), padding slots 0."""
-        types = vlm_kwargs.get("mm_token_type_ids")
-        return None if types is None else types.gather(1, index.to(types.device)) * valid.to(types.device)
-
     def _masks(self, embeds: torch.Tensor, mask2d: torch.Tensor, cache: Any, positions: Any,
                types: torch.Tensor | None) -> dict:
         """Gemma-4's mask dict for a cut sequence, as its VLM builds it: image / video runs bidirectional in the

@@ -83,13 +83,6 @@ class SmolVLMAdapter(LlavaAdapter):
     def vit_layers(self) -> nn.ModuleList:
         return self.vision_tower.encoder.layers
 
-    def feature_hidden_index(self, vit_layer: int | None) -> int:
-        n = len(self.vit_layers())
-        layer = n if vit_layer is None else vit_layer  # features: the last layer (then post_layernorm)
-        if not -(n + 1) <= layer <= n:
-            raise ValueError(f"vit_layer={layer} is out of range for a {n}-layer vision tower (use -{n + 1}..{n})")
-        return layer % (n + 1)
-
     def _shape(self) -> tuple[int, int, int]:
         """(patches per tile side s, shuffle factor r, LLM tokens per tile side g = s / r)."""
         vc = self.config.vision_config
