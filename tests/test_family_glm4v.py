@@ -1,8 +1,9 @@
 """GLM-4.1V: what is peculiar to the family, each checked against transformers' own code -- the attention's
 interleaved partial rotary (``decoder_qk``), videos on the image placeholder (told apart by the processor's
 bracket rule), the per-temporal-patch frames and their M-RoPE grid, the 2x2 conv projector, the video processor
-re-implemented without torchvision, ``vtprune video-qa`` and the lmms-eval wrapper -- and the invariant matrix
-again on IMAGE prompts (tests/cases.py runs it on videos: GLM-4.1V cannot batch images with videos)."""
+re-implemented without torchvision, ``vtprune video-qa`` and the lmms-eval wrapper. The invariant matrix runs twice
+(tests/cases.py): on video prompts ("glm4v") and on image prompts ("glm4v-images"), as GLM-4.1V cannot batch images
+with videos."""
 
 from __future__ import annotations
 
